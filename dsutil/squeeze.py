@@ -1,0 +1,187 @@
+"""Squeeze: train the teacher, then measure exact global and class-wise BN statistics.
+
+The class-wise statistics are what LPLD's recover stage matches. They are
+computed exactly, from float64 running sums of every BatchNorm2d input over
+one pass of the training set in eval mode, not from momentum averages.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import random_shift_flip
+from .data import ImageData
+from .files import load_tensors, save_model, save_tensors, write_json
+from .models import build_model
+from .runtime import resolve_device, seed_everything
+from .train import evaluate
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "convnet"
+    width: int = 64
+    depth: int = 3
+    epochs: int = 8
+    batch_size: int = 128
+    optimizer: str = "sgd"  # or adamw
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    shift: int = 2  # translation augmentation, pixels
+    seed: int = 0
+    pretrained: bool = False
+
+
+@dataclass
+class BNStats:
+    """Per-channel input mean and biased variance of every BN layer, globally and per class."""
+
+    layers: list[str]
+    classes: list[str]
+    class_count: torch.Tensor  # images per class, C
+    class_mean: list[torch.Tensor]  # per layer, C x channels, float64
+    class_var: list[torch.Tensor]
+    global_mean: list[torch.Tensor] = field(default_factory=list)  # per layer, channels
+    global_var: list[torch.Tensor] = field(default_factory=list)
+
+    def save(self, path) -> None:
+        t = {"class_count": self.class_count}
+        for i in range(len(self.layers)):
+            t |= {f"{i}.class_mean": self.class_mean[i], f"{i}.class_var": self.class_var[i],
+                  f"{i}.global_mean": self.global_mean[i], f"{i}.global_var": self.global_var[i]}
+        save_tensors(path, t, {"layers": self.layers, "classes": self.classes})
+
+    @classmethod
+    def load(cls, path) -> "BNStats":
+        t, meta = load_tensors(path)
+        n = len(meta["layers"])
+        get = lambda key: [t[f"{i}.{key}"] for i in range(n)]  # noqa: E731
+        return cls(meta["layers"], meta["classes"], t["class_count"], get("class_mean"), get("class_var"),
+                   get("global_mean"), get("global_var"))
+
+
+def bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    """Every BatchNorm2d of the model, in forward-definition order."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer: BN statistics need a BN model "
+                         "(use convnet or a torchvision ResNet/MobileNet)")
+    return layers
+
+
+@torch.no_grad()
+def bn_statistics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: list[str],
+                  device: torch.device | str = "cpu") -> BNStats:
+    """Exact BN input statistics from one pass over ``(normalised images, labels)`` batches."""
+    layers = bn_layers(model)
+    num_classes = len(classes)
+    sums: list = [None] * len(layers)
+    squares: list = [None] * len(layers)
+    count = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    current = {}
+
+    def hook(i):
+        def record(module, inputs, output):
+            x = inputs[0].double()
+            y = current["y"]
+            if sums[i] is None:
+                sums[i] = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device)
+                squares[i] = torch.zeros_like(sums[i])
+                current[i] = x.shape[2] * x.shape[3]
+            elif x.shape[2] * x.shape[3] != current[i]:
+                raise ValueError(f"BN layer {layers[i][0]} saw inputs of varying size; resize the images")
+            sums[i].index_add_(0, y, x.sum((2, 3)))
+            squares[i].index_add_(0, y, (x * x).sum((2, 3)))
+        return record
+
+    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            y = y.to(device)
+            if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+                raise ValueError(f"labels outside 0..{num_classes - 1}")
+            current["y"] = y
+            count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if count.sum() == 0:
+        raise ValueError("no images were given to bn_statistics")
+    stats = BNStats([n for n, _ in layers], list(classes), count.cpu(), [], [])
+    for i in range(len(layers)):
+        n_pix = count[:, None] * current[i]
+        mean = sums[i] / n_pix
+        stats.class_mean.append(mean.cpu())
+        stats.class_var.append((squares[i] / n_pix - mean * mean).clamp_min(0).cpu())
+        g_mean = sums[i].sum(0) / n_pix.sum()
+        stats.global_mean.append(g_mean.cpu())
+        stats.global_var.append((squares[i].sum(0) / n_pix.sum() - g_mean * g_mean).clamp_min(0).cpu())
+    return stats
+
+
+def normalised_batches(data: ImageData, batch_size: int = 256, split: str = "train"):
+    """``(normalised float images, labels)`` over a split, in order, for statistics."""
+    for x, y in torch.utils.data.DataLoader(getattr(data, split), batch_size=batch_size):
+        yield data.normalize(x), y
+
+
+def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: bool = True) -> nn.Module:
+    """Train a classifier on the real training split with a cosine schedule."""
+    gen = seed_everything(cfg.seed)
+    c, h, _ = data.shape
+    model = build_model(cfg.arch, data.num_classes, c, h, width=cfg.width, depth=cfg.depth,
+                        pretrained=cfg.pretrained).to(device)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adamw")
+    loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                         drop_last=len(data.train) > cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * len(loader),
+                                                pct_start=0.15, anneal_strategy="cos")
+    model.train()
+    bar = tqdm(range(cfg.epochs), desc="teacher", disable=not progress)
+    for _ in bar:
+        for x, y in loader:
+            x = random_shift_flip(x.float() / 255, cfg.shift, data.flip, gen).to(device)
+            loss = nn.functional.cross_entropy(model(data.normalize(x)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), device: str = "auto",
+            progress: bool = True) -> dict:
+    """Train and save the teacher, its BN statistics and ``squeeze.json`` under ``out_dir``."""
+    out_dir, dev = Path(out_dir), resolve_device(device)
+    start = time.time()
+    model = train_teacher(data, cfg, dev, progress)
+    train_seconds = time.time() - start
+    metrics = evaluate(model, data, "test", dev)
+    c, h, _ = data.shape
+    spec = {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
+            "width": cfg.width, "depth": cfg.depth}
+    save_model(out_dir / "teacher.safetensors", model, spec)
+    stats = bn_statistics(model, tqdm(normalised_batches(data), desc="BN statistics", disable=not progress,
+                                      total=-(-len(data.train) // 256)), data.classes, dev)
+    stats.save(out_dir / "bn_stats.safetensors")
+    summary = {"dataset": data.describe(), "teacher": spec, "settings": asdict(cfg), "device": str(dev),
+               "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],
+               "train_seconds": train_seconds, "seconds": time.time() - start}
+    write_json(out_dir / "squeeze.json", summary)
+    return summary

@@ -1,0 +1,249 @@
+"""Dataset loading on real data: MNIST-5k, the shared Tiny-ImageNet zips, and small folders written here."""
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsutil.data import (SHARED_TINY, DatasetError, FolderImages, ImageData, TensorImages, image_folder,
+                         load_dataset, mnist5k, resized, subset, tiny_imagenet, tiny_imagenet_root,
+                         tiny_imagenet_val_labels, train_targets)
+
+TINY_CLASSES = 4  # the 4th sorted wnid (n01644900) has greyscale training images; the first three have none
+
+
+def hashes(ds: TensorImages) -> set[str]:
+    return {hashlib.sha1(x.numpy().tobytes()).hexdigest() for x in ds.images}
+
+
+# --- MNIST-5k ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mnist():
+    return mnist5k(seed=0)
+
+
+def test_mnist5k_split(mnist):
+    assert (len(mnist.train), len(mnist.test)) == (4000, 1000)
+    assert torch.bincount(train_targets(mnist.train)).tolist() == [400] * 10
+    assert torch.bincount(train_targets(mnist.test)).tolist() == [100] * 10
+    assert mnist.shape == (1, 28, 28) and mnist.train.images.dtype == torch.uint8
+    assert not hashes(mnist.train) & hashes(mnist.test)
+
+
+def test_mnist5k_seed_fixes_split(mnist):
+    again, other = mnist5k(seed=0), mnist5k(seed=1)
+    assert torch.equal(again.test.images, mnist.test.images)
+    assert not torch.equal(other.test.images, mnist.test.images)
+
+
+def test_subset_and_resized(mnist):
+    small = subset(mnist, num_classes=3, per_class=7)
+    assert small.classes == ["0", "1", "2"]
+    assert train_targets(small.train).tolist() == [0] * 7 + [1] * 7 + [2] * 7
+    assert len(small.test) == 300 and set(train_targets(small.test).tolist()) == {0, 1, 2}
+    first = torch.nonzero(mnist.train.targets == 1).flatten()[:7]  # the first images of each class, in order
+    assert torch.equal(small.train.images[7:14], mnist.train.images[first])
+
+    big = resized(small, 32)
+    assert big.shape == (1, 32, 32) and big.train.images.dtype == torch.uint8
+    assert torch.equal(big.train.targets, small.train.targets)
+    assert abs(big.train.images.float().mean() - small.train.images.float().mean()) < 2  # same picture, larger
+    assert resized(small, 28) is small
+    assert load_dataset("mnist5k", num_classes=2, per_class=5, image_size=16).shape == (1, 16, 16)
+
+
+# --- Tiny-ImageNet from the shared zips ----------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_root() -> Path:
+    if not list(SHARED_TINY.glob("tiny-imagenet-200-*.zip")):
+        pytest.skip(f"shared Tiny-ImageNet zips not found at {SHARED_TINY}")
+    return tiny_imagenet_root()  # extracted once into the cache
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_root) -> ImageData:
+    return tiny_imagenet(num_classes=TINY_CLASSES)
+
+
+def sorted_wnids(root: Path) -> list[str]:
+    return sorted((root / "wnids.txt").read_text().split())
+
+
+def test_tiny_val_annotations_cover_200_classes(tiny_root):
+    labels = tiny_imagenet_val_labels(tiny_root)
+    wnids = sorted_wnids(tiny_root)
+    assert len(wnids) == 200 and len(labels) == 10_000
+    assert Counter(labels.values()) == {w: 50 for w in wnids}
+    assert all((tiny_root / "val" / "images" / f).is_file() for f in list(labels)[:100])
+
+
+def test_tiny_train_folders_hold_500_images(tiny_root):
+    present = [w for w in sorted_wnids(tiny_root) if (tiny_root / "train" / w).is_dir()]
+    assert present and present == sorted_wnids(tiny_root)[:len(present)]
+    assert {w: len(list((tiny_root / "train" / w / "images").glob("*.JPEG"))) for w in present} == \
+        {w: 500 for w in present}
+
+
+def test_tiny_loaded_subset(tiny, tiny_root):
+    assert tiny.name == "tiny-imagenet" and tiny.classes == sorted_wnids(tiny_root)[:TINY_CLASSES]
+    assert tiny.shape == (3, 64, 64) and tiny.train.images.dtype == torch.uint8 and tiny.flip
+    assert torch.bincount(tiny.train.targets).tolist() == [500] * TINY_CLASSES
+    assert torch.bincount(tiny.test.targets).tolist() == [50] * TINY_CLASSES
+
+
+def test_tiny_val_labels_and_pixels_match_files(tiny, tiny_root):
+    labels = tiny_imagenet_val_labels(tiny_root)
+    kept = sorted(f for f, w in labels.items() if w in tiny.classes)
+    assert [tiny.classes[c] for c in tiny.test.targets.tolist()] == [labels[f] for f in kept]
+    for i in range(0, len(kept), 17):
+        with Image.open(tiny_root / "val" / "images" / kept[i]) as im:
+            x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(tiny.test.images[i], x), kept[i]
+
+
+def test_tiny_greyscale_becomes_rgb(tiny, tiny_root):
+    files = [f for w in tiny.classes for f in sorted((tiny_root / "train" / w / "images").glob("*"))]
+    grey = [i for i, f in enumerate(files) if Image.open(f).mode == "L"]
+    assert grey, "expected greyscale training images among the first classes"
+    for i in grey:
+        x = tiny.train.images[i]
+        l = torch.from_numpy(np.asarray(Image.open(files[i])))
+        assert x.shape == (3, 64, 64) and all(torch.equal(x[c], l) for c in range(3)), files[i]
+
+
+def test_tiny_cache_and_per_class(tiny, tiny_root):
+    assert (tiny_root / f".dsutil-train-{TINY_CLASSES}.npy").is_file()
+    few = tiny_imagenet(num_classes=TINY_CLASSES, per_class=3)  # from the .npy cache
+    assert train_targets(few.train).tolist() == sum([[c] * 3 for c in range(TINY_CLASSES)], [])
+    assert torch.equal(few.train.images[3:6], tiny.train.images[500:503])
+    assert torch.equal(few.test.images, tiny.test.images)
+
+
+def test_tiny_needs_train_folders(tiny_root):
+    missing = next(w for w in sorted_wnids(tiny_root) if not (tiny_root / "train" / w).is_dir())
+    with pytest.raises(DatasetError, match=f"{missing}.*does not exist"):
+        tiny_imagenet(num_classes=200)
+
+
+# --- small folders written here ----------------------------------------------------------------
+
+def write_image(path: Path, size=(8, 8), mode="RGB", color=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color if mode == "RGB" else color[0]).save(path)
+    return path
+
+
+def tiny_tree(root: Path, wnids: list[str], with_train: list[str], annotations=True) -> Path:
+    (root / "wnids.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for w in with_train:
+        for k in range(2):
+            write_image(root / "train" / w / "images" / f"{w}_{k}.JPEG", size=(64, 64))
+    write_image(root / "val" / "images" / "val_0.JPEG", size=(64, 64), mode="L")
+    if annotations:
+        (root / "val" / "val_annotations.txt").write_text(f"val_0.JPEG\t{wnids[0]}\t0\t0\t10\t10\n")
+    return root
+
+
+def test_tiny_from_user_folder(tmp_path):
+    data = tiny_imagenet(tiny_tree(tmp_path, ["b", "a", "c"], ["a", "b"]))
+    assert data.classes == ["a", "b"] and len(data.train) == 4 and train_targets(data.test).tolist() == [1]
+    assert data.test.images.shape == (1, 3, 64, 64)
+
+
+def test_tiny_classes_must_be_a_prefix(tmp_path):
+    with pytest.raises(DatasetError, match="not the first 2 sorted wnids"):
+        tiny_imagenet(tiny_tree(tmp_path, ["a", "b", "c"], ["a", "c"]))
+
+
+def test_tiny_without_val_annotations(tmp_path):
+    with pytest.raises(DatasetError, match=r"val_annotations\.txt does not exist"):
+        tiny_imagenet(tiny_tree(tmp_path, ["a", "b"], ["a", "b"], annotations=False))
+
+
+def test_tiny_without_wnids(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DatasetError, match=r"wnids\.txt does not exist"):
+        tiny_imagenet(tmp_path)
+
+
+def test_unknown_dataset():
+    with pytest.raises(DatasetError, match="unknown dataset 'mnist'.*tiny-imagenet"):
+        load_dataset("mnist")
+
+
+@pytest.mark.parametrize("name", ["tiny-imagenet", "imagefolder", "cifar10"])
+def test_missing_path(tmp_path, name):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(name, tmp_path / "nowhere")
+
+
+def test_cifar_without_files(tmp_path):
+    with pytest.raises(DatasetError, match="cifar-100-python.*download"):
+        load_dataset("cifar100", tmp_path)
+    with pytest.raises(DatasetError, match="needs a data root"):
+        load_dataset("cifar10")
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    # 40x20 images: red | green | blue stripes of width 10, 20, 10, so the central square is green
+    stripes = np.zeros((20, 40, 3), dtype=np.uint8)
+    stripes[:, :10, 0], stripes[:, 10:30, 1], stripes[:, 30:, 2] = 255, 255, 255
+    for name in ("train/dog/a.png", "train/dog/b.png", "train/cat/x.png", "val/cat/y.png", "val/dog/z.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(stripes).save(tmp_path / name)
+    write_image(tmp_path / "train/cat/grey.png", size=(40, 20), mode="L", color=(77,))
+    (tmp_path / "train/cat/notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def test_image_folder(folder):
+    data = image_folder(folder)
+    assert isinstance(data.train, FolderImages) and data.classes == ["cat", "dog"]
+    assert train_targets(data.train).tolist() == [0, 0, 1, 1] and train_targets(data.test).tolist() == [0, 1]
+    x, y = data.train[0]  # cat/grey.png sorts first
+    assert (x.shape, x.dtype, y) == ((3, 20, 40), torch.uint8, 0) and bool((x == 77).all())
+    assert data.shape == (3, 20, 40)
+
+
+def test_image_folder_resizes_and_crops(folder):
+    data = load_dataset("imagefolder", folder, image_size=20)
+    x, _ = data.train[1]  # shorter side already 20: only the central 20x20 (green) square is kept
+    assert x.shape == (3, 20, 20) and x[1].min() == 255 and x[0].max() == 0 and x[2].max() == 0
+    small = image_folder(folder, image_size=8).train[1][0]
+    assert small.shape == (3, 8, 8) and small[1].float().mean() > 200 and small[0].float().mean() < 30
+
+
+def test_image_folder_subset_keeps_targets(folder):
+    data = load_dataset("imagefolder", folder, num_classes=1, per_class=1)
+    assert data.classes == ["cat"] and train_targets(data.train).tolist() == [0]
+    assert train_targets(data.test).tolist() == [0] and data.test[0][1] == 0
+
+
+def test_image_folder_test_split_name(folder):
+    (folder / "val").rename(folder / "test")
+    assert len(image_folder(folder).test) == 2
+
+
+def test_image_folder_empty_class(folder):
+    (folder / "train" / "bird").mkdir()
+    with pytest.raises(DatasetError, match=r"train/bird holds no image files"):
+        image_folder(folder)
+
+
+def test_image_folder_val_class_not_in_train(folder):
+    write_image(folder / "val" / "fox" / "f.png")
+    with pytest.raises(DatasetError, match=r"\['fox'\].*no folder"):
+        image_folder(folder)
+
+
+def test_image_folder_without_train(tmp_path):
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="train does not exist"):
+        image_folder(tmp_path)

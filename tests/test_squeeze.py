@@ -1,0 +1,99 @@
+import pytest
+import torch
+from torch import nn
+
+from dsutil.files import load_model, read_json
+from dsutil.models import build_model
+from dsutil.squeeze import BNStats, bn_statistics
+
+
+def brute_force(model, x, y, num_classes):
+    """Per-class and global BN input mean/var by storing every input, two-pass float64."""
+    inputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: inputs.append(i[0].double()))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    out = []
+    for a in inputs:
+        flat = lambda t: t.transpose(0, 1).reshape(t.shape[1], -1)  # noqa: E731
+        per_class = [(flat(a[y == c]).mean(1), flat(a[y == c]).var(1, unbiased=False)) for c in range(num_classes)]
+        out.append((per_class, flat(a).mean(1), flat(a).var(1, unbiased=False)))
+    return out
+
+
+def batches(x, y, sizes):
+    i = 0
+    for s in sizes:
+        yield x[i:i + s], y[i:i + s]
+        i += s
+
+
+def check_against_brute_force(model, x, y, num_classes, sizes):
+    stats = bn_statistics(model, batches(x, y, sizes), [str(c) for c in range(num_classes)])
+    ref = brute_force(model, x, y, num_classes)
+    assert len(stats.layers) == len(ref)
+    for i, (per_class, g_mean, g_var) in enumerate(ref):
+        for c, (m, v) in enumerate(per_class):
+            torch.testing.assert_close(stats.class_mean[i][c], m, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(stats.class_var[i][c], v, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(stats.global_mean[i], g_mean, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(stats.global_var[i], g_var, rtol=1e-6, atol=1e-9)
+    return stats
+
+
+def test_statistics_equal_brute_force_on_random_inputs():
+    torch.manual_seed(0)
+    model = build_model("convnet", 4, in_channels=3, image_size=16, width=8, depth=2).double()
+    for m in model.modules():  # non-trivial running stats so the BN outputs are not all alike
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(70, 3, 16, 16, dtype=torch.float64) * 3 + 1
+    y = torch.randint(0, 4, (70,))
+    check_against_brute_force(model, x, y, 4, [13, 30, 1, 26])
+
+
+def test_statistics_equal_brute_force_on_a_real_batch(mnist):
+    torch.manual_seed(1)
+    model = build_model("resnet18", 10, in_channels=1, image_size=28).double()
+    idx = torch.randperm(len(mnist.train), generator=torch.Generator().manual_seed(0))[:60]
+    x, y = mnist.normalize(mnist.train.images[idx]).double(), mnist.train.targets[idx]
+    assert len(y.unique()) == 10
+    stats = check_against_brute_force(model, x, y, 10, [25, 25, 10])
+    assert len(stats.layers) == 20  # every BatchNorm2d of a ResNet-18
+
+
+def test_global_statistics_follow_the_law_of_total_variance(mnist):
+    model = build_model("convnet", 10, in_channels=1, image_size=28, width=16).eval()
+    idx = torch.randperm(len(mnist.train), generator=torch.Generator().manual_seed(0))[:300]
+    x, y = mnist.normalize(mnist.train.images[idx]), mnist.train.targets[idx]
+    stats = bn_statistics(model, batches(x, y, [100, 100, 100]), mnist.classes)
+    w = stats.class_count / stats.class_count.sum()
+    for i in range(len(stats.layers)):
+        mean = (w[:, None] * stats.class_mean[i]).sum(0)
+        var = (w[:, None] * (stats.class_var[i] + (stats.class_mean[i] - mean) ** 2)).sum(0)
+        torch.testing.assert_close(stats.global_mean[i], mean, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(stats.global_var[i], var, rtol=1e-6, atol=1e-9)
+
+
+def test_statistics_need_a_batchnorm_layer():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="no BatchNorm2d layer"):
+        bn_statistics(model, [(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))], ["a", "b"])
+
+
+def test_squeeze_run_saves_a_good_teacher_and_its_statistics(mnist_run, mnist):
+    summary = read_json(mnist_run / "squeeze.json")
+    assert summary["test_top1"] >= 0.97
+    assert summary["dataset"]["classes"] == mnist.classes
+    model, spec = load_model(mnist_run / "teacher.safetensors")
+    assert spec["arch"] == "convnet"
+    stats = BNStats.load(mnist_run / "bn_stats.safetensors")
+    assert stats.classes == mnist.classes
+    assert stats.class_count.tolist() == [400.0] * 10
+    assert [s.shape for s in stats.class_mean] == [(10, 64)] * 3
+    assert all(torch.isfinite(v).all() and (v >= 0).all() for v in stats.class_var)
