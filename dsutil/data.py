@@ -14,7 +14,7 @@ import tempfile
 import uuid
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Subset
 DATASETS = ("mnist5k", "tiny-imagenet", "imagefolder", "cifar10", "cifar100")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_CACHE_VERSION = 1  # bump when decoding changes, so stale .npy caches are not read
 
 # Shared copy of Tiny-ImageNet in this workplace; users pass --data-root instead.
 SHARED_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"
@@ -73,6 +74,7 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     flip: bool  # do horizontal flips keep the class? (not for digits)
+    source: dict = field(default_factory=dict)  # load_dataset arguments that rebuild this data
 
     @property
     def num_classes(self) -> int:
@@ -103,7 +105,8 @@ class ImageData:
 
     def describe(self) -> dict:
         return {"name": self.name, "classes": self.classes, "mean": list(self.mean), "std": list(self.std),
-                "shape": list(self.shape), "train_size": len(self.train), "test_size": len(self.test)}
+                "shape": list(self.shape), "train_size": len(self.train), "test_size": len(self.test),
+                "source": self.source}
 
 
 def train_targets(ds: Dataset) -> torch.Tensor:
@@ -132,7 +135,31 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, num_classe
         data = subset(data, num_classes=num_classes, per_class=per_class)
     if image_size and name not in ("imagefolder",):
         data = resized(data, image_size)
+    data.source = {"name": name, "root": str(root) if root else None, "num_classes": num_classes,
+                   "per_class": per_class, "image_size": image_size, "seed": seed}
     return data
+
+
+def load_from_source(source: dict) -> ImageData:
+    """Reload the dataset a run was made from (its recorded ``ImageData.source``)."""
+    if not source:
+        raise DatasetError("this run records no dataset source; re-run `dsutil squeeze`")
+    return load_dataset(source["name"], source["root"], num_classes=source["num_classes"],
+                        per_class=source["per_class"], image_size=source["image_size"], seed=source["seed"])
+
+
+def save_image_folder(images: torch.Tensor, labels: torch.Tensor, classes: list[str], root) -> None:
+    """Write [0, 1] images as PNGs in an ImageFolder layout, ``root/<class>/<k>.png``."""
+    from PIL import Image
+
+    from .files import atomic_path
+
+    counts: dict[int, int] = {}
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for img, c in zip(pixels, labels.tolist()):
+        k = counts[c] = counts.get(c, -1) + 1
+        with atomic_path(Path(root) / classes[c] / f"{k:05d}.png") as tmp:
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
 
 
 def mnist5k(seed: int = 0, test_per_class: int = 100) -> ImageData:
@@ -263,8 +290,8 @@ def _save_npy(path: Path, a: np.ndarray) -> None:
 
 def _tiny_split(root: Path, split: str, num_classes: int, files: list[Path], labels: np.ndarray) -> torch.Tensor:
     """Decoded images of ``files``, cached as .npy in ``root`` because decoding takes a while."""
-    key = f"{split}-{num_classes}"
-    x_path, y_path = root / f".dsutil-{key}.npy", root / f".dsutil-{key}-labels.npy"
+    key = f".dsutil-v{TINY_CACHE_VERSION}-{split}-{num_classes}"
+    x_path, y_path = root / f"{key}.npy", root / f"{key}-labels.npy"
     if x_path.is_file() and y_path.is_file():
         y = np.load(y_path, allow_pickle=False)
         if np.array_equal(y, labels):  # a different file list means the folder changed: decode again
@@ -439,7 +466,7 @@ def subset(data: ImageData, num_classes: int | None = None, per_class: int | Non
         raise DatasetError(f"per_class={per_class} must be at least 1")
     y = train_targets(data.train)
     if per_class:
-        idx = torch.cat([torch.nonzero(y == c).flatten()[-per_class:] for c in range(k)]).sort().values
+        idx = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in range(k)]).sort().values
     else:
         idx = torch.nonzero(y < k).flatten()
     test_idx = torch.nonzero(train_targets(data.test) < k).flatten()

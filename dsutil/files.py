@@ -58,7 +58,7 @@ def load_tensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], di
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        return load_file(str(path), device=device), meta
+        return load_file(str(path), device=str(device)), meta
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
 

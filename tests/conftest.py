@@ -7,9 +7,9 @@ torch.set_num_threads(max(1, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def mnist():
-    from dsutil.data import mnist5k
+    from dsutil.data import load_dataset
 
-    return mnist5k()
+    return load_dataset("mnist5k")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Dataset loading on real data: MNIST-5k, the shared Tiny-ImageNet zips, and small folders written here."""
 import hashlib
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dsutil.data import (SHARED_TINY, DatasetError, FolderImages, ImageData, TensorImages, image_folder,
-                         load_dataset, mnist5k, resized, subset, tiny_imagenet, tiny_imagenet_root,
+import dsutil.data
+from dsutil.data import (SHARED_TINY, TINY_CACHE_VERSION, DatasetError, FolderImages, ImageData, TensorImages,
+                         image_folder, load_dataset, mnist5k, resized, subset, tiny_imagenet, tiny_imagenet_root,
                          tiny_imagenet_val_labels, train_targets)
 
 TINY_CLASSES = 4  # the 4th sorted wnid (n01644900) has greyscale training images; the first three have none
@@ -53,6 +55,10 @@ def test_subset_and_resized(mnist):
     assert torch.equal(big.train.targets, small.train.targets)
     assert abs(big.train.images.float().mean() - small.train.images.float().mean()) < 2  # same picture, larger
     assert resized(small, 28) is small
+    flat = ImageData("flat", TensorImages(torch.full((2, 1, 28, 28), 201, dtype=torch.uint8), torch.tensor([0, 1])),
+                     small.test, small.classes, small.mean, small.std, False)
+    for size in (13, 16, 64):  # rounding, not truncation, keeps a constant image constant
+        assert bool((resized(flat, size).train.images == 201).all()), size
     assert load_dataset("mnist5k", num_classes=2, per_class=5, image_size=16).shape == (1, 16, 16)
 
 
@@ -108,16 +114,21 @@ def test_tiny_val_labels_and_pixels_match_files(tiny, tiny_root):
 
 def test_tiny_greyscale_becomes_rgb(tiny, tiny_root):
     files = [f for w in tiny.classes for f in sorted((tiny_root / "train" / w / "images").glob("*"))]
-    grey = [i for i, f in enumerate(files) if Image.open(f).mode == "L"]
+    modes = []
+    for f in files:
+        with Image.open(f) as im:
+            modes.append(im.mode)
+    grey = [i for i, m in enumerate(modes) if m == "L"]
     assert grey, "expected greyscale training images among the first classes"
     for i in grey:
         x = tiny.train.images[i]
-        l = torch.from_numpy(np.asarray(Image.open(files[i])))
+        with Image.open(files[i]) as im:
+            l = torch.from_numpy(np.array(im))
         assert x.shape == (3, 64, 64) and all(torch.equal(x[c], l) for c in range(3)), files[i]
 
 
 def test_tiny_cache_and_per_class(tiny, tiny_root):
-    assert (tiny_root / f".dsutil-train-{TINY_CLASSES}.npy").is_file()
+    assert (tiny_root / f".dsutil-v{TINY_CACHE_VERSION}-train-{TINY_CLASSES}.npy").is_file()
     few = tiny_imagenet(num_classes=TINY_CLASSES, per_class=3)  # from the .npy cache
     assert train_targets(few.train).tolist() == sum([[c] * 3 for c in range(TINY_CLASSES)], [])
     assert torch.equal(few.train.images[3:6], tiny.train.images[500:503])
@@ -151,9 +162,17 @@ def tiny_tree(root: Path, wnids: list[str], with_train: list[str], annotations=T
 
 
 def test_tiny_from_user_folder(tmp_path):
-    data = tiny_imagenet(tiny_tree(tmp_path, ["b", "a", "c"], ["a", "b"]))
+    root = tiny_tree(tmp_path, ["b", "a", "c"], ["a", "b"])
+    data = tiny_imagenet(root)  # decoded afresh (the shared-zip tests may read an older .npy cache)
     assert data.classes == ["a", "b"] and len(data.train) == 4 and train_targets(data.test).tolist() == [1]
-    assert data.test.images.shape == (1, 3, 64, 64)
+    red = data.train.images[0].float().mean(dim=(1, 2))
+    assert red[0] > 180 and red[1] < 60 and red[2] < 60  # channels in RGB order
+    grey = data.test.images[0]
+    assert grey.shape == (3, 64, 64) and torch.equal(grey[0], grey[1]) and torch.equal(grey[0], grey[2])
+    assert abs(grey.float().mean() - 200) < 3
+
+    write_image(root / "train" / "b" / "images" / "b_2.JPEG", size=(64, 64))  # the folder changed: no stale cache
+    assert torch.bincount(tiny_imagenet(root).train.targets).tolist() == [2, 3]
 
 
 def test_tiny_classes_must_be_a_prefix(tmp_path):
@@ -170,6 +189,31 @@ def test_tiny_without_wnids(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(DatasetError, match=r"wnids\.txt does not exist"):
         tiny_imagenet(tmp_path)
+
+
+def zip_folder(zip_path: Path, root: Path, *parts: str) -> None:
+    """Zip files and folders below root under tiny-imagenet-200/, as the shared zips are laid out."""
+    with zipfile.ZipFile(zip_path, "w") as z:
+        for part in parts:
+            for f in [root / part, *sorted((root / part).rglob("*"))]:
+                z.write(f, Path("tiny-imagenet-200") / f.relative_to(root))
+
+
+def test_tiny_shared_zips_extracted_again_when_more_come(tmp_path, monkeypatch):
+    src, shared = tiny_tree(tmp_path / "src", ["a", "b", "c"], ["a", "b"]), tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.setattr(dsutil.data, "SHARED_TINY", shared)
+    monkeypatch.setenv("DSUTIL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DatasetError, match=f"no shared Tiny-ImageNet zips.*{shared}"):
+        tiny_imagenet()
+    zip_folder(shared / "tiny-imagenet-200-val.zip", src, "wnids.txt", "val")
+    zip_folder(shared / "tiny-imagenet-200-train-0.zip", src, "train/a")
+    assert tiny_imagenet().classes == ["a"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tiny-imagenet-200"]  # no temp folders left
+
+    zip_folder(shared / "tiny-imagenet-200-train-1.zip", src, "train/b")
+    assert tiny_imagenet().classes == ["a", "b"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tiny-imagenet-200"]
 
 
 def test_unknown_dataset():

@@ -1,0 +1,342 @@
+"""Recover: synthesise images by matching a teacher's BatchNorm statistics.
+
+Two independent choices make a method (DESIGN.md section 2):
+
+* grouping: ``cross-class`` groups hold one image of each class of a chunk of
+  classes (SRe2L); ``class`` groups hold the IPC images of one class (LPLD);
+* BN targets: ``global`` statistics of the whole training set, or each
+  class's own (``class``). With class targets the statistics are taken over
+  the images of each class inside a group.
+
+The engine batches many groups through one teacher forward pass. The teacher
+is in eval mode, so images do not interact inside it; statistics, losses and
+augmentation draws are per group, each group with its own random generator,
+so the images equal those of running the groups one at a time.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .augment import crop_flip, roll, rrc_boxes
+from .files import load_model, load_tensors, read_json, save_tensors, write_json
+from .runtime import derive_seed, resolve_device
+from .squeeze import BNStats, bn_layers
+
+METHODS = {  # name -> (grouping, BN targets)
+    "sre2l": ("cross-class", "global"),
+    "lpld": ("class", "class"),
+    "cross-class-classbn": ("cross-class", "class"),
+    "class-globalbn": ("class", "global"),
+}
+REAL = "real"
+
+
+@dataclass
+class RecoverConfig:
+    method: str = "lpld"
+    ipc: int = 10
+    iterations: int = 500
+    lr: float = 0.25
+    r_bn: float = 0.01
+    first_bn_multiplier: float = 10.0
+    jitter: int = 4
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
+    chunk_classes: int = 100
+    global_targets: str = "running"  # "running": the BN layers' own buffers (SRe2L); "exact": measured
+    batch_images: int = 200  # images per teacher forward pass; groups are packed up to this
+    seed: int = 0
+    bf16: bool = False
+    channels_last: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS and self.method != REAL:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join([*METHODS, REAL])}")
+        if self.ipc <= 0:
+            raise ValueError(f"ipc must be a positive number of images per class, got {self.ipc}")
+        if self.iterations <= 0 and self.method != REAL:
+            raise ValueError(f"iterations must be positive, got {self.iterations}")
+        if self.global_targets not in ("running", "exact"):
+            raise ValueError(f"global_targets must be 'running' or 'exact', got {self.global_targets!r}")
+        self.crop_scale = tuple(self.crop_scale)
+
+
+@dataclass
+class Group:
+    """One unit of work: images optimised together, with their labels and own seed."""
+
+    name: str
+    labels: torch.Tensor
+    seed: int
+    images: torch.Tensor | None = None
+    ce: torch.Tensor | None = None  # final cross-entropy per image
+    bn: float = math.nan  # final BN loss of the group
+    extra: dict = field(default_factory=dict)
+
+
+def make_groups(method: str, ipc: int, classes: range, seed: int, chunk_classes: int = 100) -> list[Group]:
+    """The units of work for ``classes``; seeds depend only on the run seed and the unit."""
+    grouping = METHODS[method][0]
+    if grouping == "class":
+        return [Group(f"class{c:05d}", torch.full((ipc,), c), derive_seed(seed, method, c)) for c in classes]
+    groups = []
+    for start in range(classes.start, classes.stop, chunk_classes):
+        chunk = range(start, min(start + chunk_classes, classes.stop))
+        for i in range(ipc):
+            groups.append(Group(f"chunk{chunk.start:05d}-{chunk.stop:05d}_ipc{i:04d}", torch.tensor(list(chunk)),
+                                derive_seed(seed, method, chunk.start, chunk.stop, i)))
+    return groups
+
+
+class BNTargets:
+    """Per-layer target mean/var for every class (rows 0..C-1) and the global one (row C)."""
+
+    def __init__(self, teacher, stats: BNStats, global_targets: str, device):
+        layers = bn_layers(teacher)
+        if [n for n, _ in layers] != stats.layers:
+            raise ValueError("BN statistics were measured on a different model than this teacher")
+        self.mean, self.var = [], []
+        for i, (_, bn) in enumerate(layers):
+            g_mean, g_var = ((bn.running_mean, bn.running_var) if global_targets == "running"
+                             else (stats.global_mean[i], stats.global_var[i]))
+            self.mean.append(torch.cat([stats.class_mean[i], g_mean.double().cpu()[None]]).float().to(device))
+            self.var.append(torch.cat([stats.class_var[i], g_var.double().cpu()[None]]).float().to(device))
+        self.global_row = len(stats.classes)
+
+
+def synthesize(teacher: torch.nn.Module, groups: list[Group], targets: BNTargets, method: str,
+               cfg: RecoverConfig, image_shape: tuple[int, int, int], pixel_range, device) -> list[Group]:
+    """Optimise the images of ``groups`` together in one batch; fills each group's images and losses."""
+    target_kind = METHODS[method][1]
+    gens = [torch.Generator().manual_seed(g.seed) for g in groups]
+    sizes = [len(g.labels) for g in groups]
+    n = sum(sizes)
+    x = torch.cat([torch.randn(s, *image_shape, generator=gen) for s, gen in zip(sizes, gens)]).to(device)
+    x.requires_grad_(True)
+    labels = torch.cat([g.labels for g in groups]).to(device)
+    group_of = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes)).to(device)
+    # statistics units: the whole group (global targets) or each class inside a group (class targets)
+    if target_kind == "global":
+        unit_of, unit_target = group_of, torch.full((len(groups),), targets.global_row, device=device)
+        unit_group = torch.arange(len(groups), device=device)
+    else:
+        keys = group_of * (targets.global_row + 1) + labels
+        uniq, unit_of = torch.unique(keys, return_inverse=True)
+        unit_target, unit_group = uniq % (targets.global_row + 1), uniq // (targets.global_row + 1)
+    n_units = len(unit_target)
+    unit_size = torch.zeros(n_units, device=device).index_add_(0, unit_of, torch.ones(n, device=device))
+    units_per_group = torch.zeros(len(groups), device=device).index_add_(0, unit_group, torch.ones(n_units, device=device))
+    group_size = torch.tensor(sizes, device=device, dtype=torch.float)
+    low, high = (p.to(device) for p in pixel_range)
+
+    bn_inputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: bn_inputs.append(i[0])) for _, m in bn_layers(teacher)]
+    opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
+    multipliers = [cfg.first_bn_multiplier] + [1.0] * (len(hooks) - 1)
+    height, width = image_shape[1:]
+    try:
+        for it in range(cfg.iterations):
+            for pg in opt.param_groups:  # cosine decay without warm-up
+                pg["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * it / cfg.iterations))
+            boxes, flips, shifts = [], [], []
+            for s, gen in zip(sizes, gens):  # one draw per group, shared by its images
+                box = rrc_boxes(1, height, width, cfg.crop_scale, generator=gen)
+                flip = torch.rand(1, generator=gen) < 0.5 if cfg.flip else torch.zeros(1, dtype=torch.bool)
+                shift = torch.randint(-cfg.jitter, cfg.jitter + 1, (1, 2), generator=gen)
+                boxes.append(box.expand(s, 4)), flips.append(flip.expand(s)), shifts.append(shift.expand(s, 2))
+            xa = roll(crop_flip(x, torch.cat(boxes), torch.cat(flips)), torch.cat(shifts))
+            bn_inputs.clear()
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+                logits = teacher(xa.contiguous(memory_format=torch.channels_last) if cfg.channels_last else xa)
+            ce = F.cross_entropy(logits.float(), labels, reduction="none")
+            ce_group = torch.zeros(len(groups), device=device).index_add(0, group_of, ce) / group_size
+            bn_unit = torch.zeros(n_units, device=device)
+            for a, feat, t_mean, t_var in zip(multipliers, bn_inputs, targets.mean, targets.var):
+                feat = feat.float()
+                ch = feat.shape[1]
+                mean = torch.zeros(n_units, ch, device=device).index_add(0, unit_of, feat.mean((2, 3)))
+                mean = mean / unit_size[:, None]
+                dev2 = ((feat - mean[unit_of][:, :, None, None]) ** 2).mean((2, 3))
+                var = torch.zeros(n_units, ch, device=device).index_add(0, unit_of, dev2) / unit_size[:, None]
+                bn_unit = bn_unit + a * (torch.linalg.vector_norm(mean - t_mean[unit_target], dim=1)
+                                         + torch.linalg.vector_norm(var - t_var[unit_target], dim=1))
+            bn_group = torch.zeros(len(groups), device=device).index_add(0, unit_group, bn_unit) / units_per_group
+            loss = (ce_group + cfg.r_bn * bn_group).sum()  # a sum, so each group gets its own gradient
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.data = torch.maximum(torch.minimum(x, high), low)
+    finally:
+        for h in hooks:
+            h.remove()
+    images = x.detach().cpu().split(sizes)
+    for g, im, c, b in zip(groups, images, ce.detach().cpu().split(sizes), bn_group.detach().cpu()):
+        g.images, g.ce, g.bn = im, c, float(b)
+    return groups
+
+
+def recover_dir(run_dir, method: str, ipc: int) -> Path:
+    return Path(run_dir) / "recover" / f"{method}-ipc{ipc}"
+
+
+def load_squeezed(run_dir, device="cpu"):
+    """Teacher, its spec, BN statistics and squeeze summary of a run; clear error if absent."""
+    run_dir = Path(run_dir)
+    for name in ("squeeze.json", "teacher.safetensors", "bn_stats.safetensors"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir / name} not found: run `dsutil squeeze --out {run_dir}` first")
+    teacher, spec = load_model(run_dir / "teacher.safetensors", device)
+    stats = BNStats.load(run_dir / "bn_stats.safetensors")
+    if len(stats.classes) != spec["num_classes"]:
+        raise ValueError(f"{run_dir / 'bn_stats.safetensors'} has {len(stats.classes)} classes but the teacher "
+                         f"has {spec['num_classes']}; re-run `dsutil squeeze`")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, spec, stats, read_json(run_dir / "squeeze.json")
+
+
+def parse_classes(text: str | None, num_classes: int) -> range:
+    """``a:b`` (either end optional) -> range, checked against the dataset's class count."""
+    if not text:
+        return range(num_classes)
+    try:
+        a, b = (text.split(":") + [""])[:2] if ":" in text else (text, str(int(text) + 1))
+        r = range(int(a) if a else 0, int(b) if b else num_classes)
+    except ValueError:
+        raise ValueError(f"--classes {text!r}: expected a:b with integers") from None
+    if not (0 <= r.start < r.stop <= num_classes):
+        raise ValueError(f"--classes {text!r} is outside the dataset's classes 0:{num_classes}")
+    return r
+
+
+def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: str = "auto",
+            progress: bool = True) -> dict | None:
+    """Synthesise (or pick, for ``real``) IPC images per class into the run's recover folder.
+
+    Finished units are written atomically and skipped on a rerun, so a killed
+    run resumes where it stopped. Returns the summary once every class is done.
+    """
+    dev = resolve_device(device)
+    teacher, spec, stats, info = load_squeezed(run_dir, dev)
+    if cfg.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    num_classes = spec["num_classes"]
+    classes = classes or range(num_classes)
+    if not (0 <= classes.start < classes.stop <= num_classes):
+        raise ValueError(f"classes {classes.start}:{classes.stop} outside the dataset's 0:{num_classes}")
+    out = recover_dir(run_dir, cfg.method, cfg.ipc)
+    settings = asdict(cfg) | {"teacher": spec}
+    if (out / "settings.json").exists():
+        old = read_json(out / "settings.json")
+        if json_ready(old) != json_ready(settings):
+            raise ValueError(f"{out} holds images made with other settings; remove it or use another method name")
+    write_json(out / "settings.json", settings)
+    shape = (spec["in_channels"], spec["image_size"], spec["image_size"])
+    mean, std = info["dataset"]["mean"], info["dataset"]["std"]
+    low = torch.tensor([(0 - m) / s for m, s in zip(mean, std)]).view(-1, 1, 1)
+    high = torch.tensor([(1 - m) / s for m, s in zip(mean, std)]).view(-1, 1, 1)
+    start = time.time()
+    if cfg.method == REAL:
+        _pick_real(run_dir, info, cfg, classes, out)
+        synth_seconds, image_iterations = 0.0, 0
+    else:
+        targets = BNTargets(teacher, stats, cfg.global_targets, dev)
+        groups = [g for g in make_groups(cfg.method, cfg.ipc, classes, cfg.seed, cfg.chunk_classes)
+                  if not (out / "units" / f"{g.name}.safetensors").exists()]
+        batches, current = [], []
+        for g in groups:  # pack groups into forward passes of about batch_images images
+            if current and sum(len(h.labels) for h in current) + len(g.labels) > cfg.batch_images:
+                batches.append(current)
+                current = []
+            current.append(g)
+        batches += [current] if current else []
+        image_iterations = 0
+        for batch in tqdm(batches, desc=f"recover {cfg.method}", disable=not progress):
+            synthesize(teacher, batch, targets, cfg.method, cfg, shape, (low, high), dev)
+            for g in batch:
+                save_tensors(out / "units" / f"{g.name}.safetensors",
+                             {"images": g.images, "labels": g.labels, "ce": g.ce, "bn": torch.tensor([g.bn])})
+            image_iterations += sum(len(g.labels) for g in batch) * cfg.iterations
+        synth_seconds = time.time() - start
+    return assemble(run_dir, cfg, spec, info, teacher, dev, synth_seconds, image_iterations)
+
+
+def json_ready(obj):
+    """Round-trip through JSON so tuples and lists compare equal."""
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _pick_real(run_dir, info, cfg: RecoverConfig, classes: range, out: Path) -> None:
+    from .data import load_from_source, train_targets
+
+    data = load_from_source(info["dataset"]["source"])
+    targets = train_targets(data.train)
+    for c in classes:
+        idx = torch.nonzero(targets == c).flatten()
+        if len(idx) < cfg.ipc:
+            raise ValueError(f"class {data.classes[c]} has {len(idx)} training images, fewer than ipc={cfg.ipc}")
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, REAL, c))
+        idx = idx[torch.randperm(len(idx), generator=gen)[:cfg.ipc]]
+        images = data.normalize(torch.stack([data.train[int(i)][0] for i in idx]))
+        save_tensors(out / "units" / f"class{c:05d}.safetensors",
+                     {"images": images, "labels": torch.full((cfg.ipc,), c), "index": idx})
+
+
+def assemble(run_dir, cfg: RecoverConfig, spec, info, teacher, device, synth_seconds, image_iterations):
+    """Join the unit files into ``images.safetensors``, PNGs and ``recover.json`` once all classes are done."""
+    from .data import save_image_folder
+
+    out = recover_dir(run_dir, cfg.method, cfg.ipc)
+    units = sorted((out / "units").glob("*.safetensors"))
+    parts = [load_tensors(u)[0] for u in units]
+    if not parts:
+        return None
+    labels = torch.cat([p["labels"] for p in parts])
+    counts = torch.bincount(labels, minlength=spec["num_classes"])
+    if (counts < cfg.ipc).any():
+        missing = (counts < cfg.ipc).sum().item()
+        print(f"{out}: {missing} of {spec['num_classes']} classes still to do; run the other class ranges")
+        return None
+    order = torch.argsort(labels, stable=True)
+    images, labels = torch.cat([p["images"] for p in parts])[order], labels[order]
+    classes = info["dataset"]["classes"]
+    save_tensors(out / "images.safetensors", {"images": images, "labels": labels},
+                 {"classes": classes, "method": cfg.method, "ipc": cfg.ipc})
+    mean, std = info["dataset"]["mean"], info["dataset"]["std"]
+    pixels = (images * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)).clamp(0, 1)
+    save_image_folder(pixels, labels, classes, out / "png")
+    with torch.no_grad():
+        pred = torch.cat([teacher(images[i:i + 256].to(device)).argmax(1).cpu() for i in range(0, len(images), 256)])
+    correct = (pred == labels).float()
+    summary = {"method": cfg.method, "ipc": cfg.ipc, "settings": asdict(cfg), "teacher": spec,
+               "images": len(images), "classes": classes,
+               "teacher_top1_on_images": float(correct.mean()),
+               "teacher_top1_per_class": [float(correct[labels == c].mean()) for c in range(len(classes))],
+               "seconds_this_process": synth_seconds,
+               "image_iterations_per_second": image_iterations / synth_seconds if synth_seconds else None}
+    if cfg.method != REAL:
+        ce = torch.cat([p["ce"] for p in parts])[order]
+        bn = torch.cat([p["bn"].expand(len(p["labels"])) for p in parts])[order]
+        summary["final_loss_per_class"] = {"ce": [float(ce[labels == c].mean()) for c in range(len(classes))],
+                                           "bn": [float(bn[labels == c].mean()) for c in range(len(classes))]}
+    write_json(out / "recover.json", summary)
+    return summary
+
+
+def load_images(recover_path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Normalised images, labels and metadata of a finished recover folder."""
+    path = Path(recover_path) / "images.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `dsutil recover` to completion first")
+    t, meta = load_tensors(path)
+    return t["images"], t["labels"], meta
