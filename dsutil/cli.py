@@ -31,7 +31,21 @@ def cmd_squeeze(args) -> None:
     print(f"teacher {cfg.arch}: test top-1 {summary['test_top1']:.4f} in {summary['seconds']:.1f} s -> {args.out}")
 
 
+def cmd_recover(args) -> None:
+    from .recover import RecoverConfig, load_squeezed, parse_classes, recover
+
+    cfg = RecoverConfig(**{k: v for k, v in vars(args).items() if k in RecoverConfig.__dataclass_fields__
+                           and v is not None})
+    _, spec, _, _ = load_squeezed(args.run)
+    classes = parse_classes(args.classes, spec["num_classes"])
+    summary = recover(args.run, cfg, classes, device=args.device)
+    if summary:
+        print(f"recover {cfg.method} ipc {cfg.ipc}: {summary['images']} images, teacher top-1 on them "
+              f"{summary['teacher_top1_on_images']:.3f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .recover import METHODS, REAL, RecoverConfig
     from .squeeze import TeacherConfig
 
     parser = argparse.ArgumentParser(prog="dsutil", description=__doc__)
@@ -54,6 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the mnist5k train/test split")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.set_defaults(func=cmd_squeeze)
+
+    p = sub.add_parser("recover", help="synthesise IPC images per class by BN matching (or pick real ones)")
+    r = RecoverConfig()
+    p.add_argument("--run", required=True, type=Path, help="run directory with squeeze outputs")
+    p.add_argument("--method", default=r.method, choices=[*METHODS, REAL])
+    p.add_argument("--ipc", type=int, default=r.ipc, help="images per class")
+    p.add_argument("--iterations", type=int, default=r.iterations)
+    p.add_argument("--classes", default=None, help="class range a:b of this process (default: all)")
+    p.add_argument("--lr", type=float, default=r.lr)
+    p.add_argument("--r-bn", dest="r_bn", type=float, default=r.r_bn, help="weight of the BN loss")
+    p.add_argument("--first-bn-multiplier", type=float, default=r.first_bn_multiplier)
+    p.add_argument("--jitter", type=int, default=r.jitter, help="largest random roll, pixels")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=r.crop_scale, metavar=("MIN", "MAX"))
+    p.add_argument("--no-flip", dest="flip", action="store_false")
+    p.add_argument("--chunk-classes", type=int, default=r.chunk_classes, help="classes per cross-class group")
+    p.add_argument("--global-targets", default=r.global_targets, choices=["running", "exact"])
+    p.add_argument("--batch-images", type=int, default=r.batch_images, help="images per teacher forward pass")
+    p.add_argument("--seed", type=int, default=r.seed)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_recover)
     return parser
 
 

@@ -20,7 +20,7 @@ from .data import ImageData
 from .files import load_tensors, save_model, save_tensors, write_json
 from .models import build_model
 from .runtime import resolve_device, seed_everything
-from .train import evaluate
+from .evaluate import evaluate
 
 
 @dataclass

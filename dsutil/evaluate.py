@@ -1,0 +1,30 @@
+"""Evaluation of any classifier on a real held-out split: top-1, top-5, calibration."""
+from __future__ import annotations
+
+import torch
+
+from .analysis import expected_calibration_error
+from .data import ImageData
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: ImageData, split: str = "test", batch_size: int = 500,
+            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a real split, in eval mode, without augmentation."""
+    loader = torch.utils.data.DataLoader(getattr(data, split), batch_size=batch_size)
+    model.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        logits.append(model(data.normalize(x.to(device))).float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: torch.nn.Module, data: ImageData, split: str = "test", device="cpu") -> dict:
+    """Top-1 and top-5 (fractions) and expected calibration error on a real split."""
+    logits, labels = predict(model, data, split, device=device)
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, 1).indices
+    return {"top1": float((topk[:, 0] == labels).float().mean()),
+            "top5": float((topk == labels[:, None]).any(1).float().mean()),
+            "ece": expected_calibration_error(logits, labels), "n": len(labels)}

@@ -1,0 +1,241 @@
+"""The soft-label store: format, reading, writing, pruning and storage accounting.
+
+A store is a folder with ``manifest.json`` and one safetensors file per
+relabel epoch. Each epoch file holds, for the batches of that epoch that were
+kept, the teacher's logits and everything needed to replay the augmentation
+the teacher saw: image indices of every batch, crop boxes, flips and mix
+parameters. Safetensors cannot run code when loaded and can be sliced, so
+one batch is read without loading its epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .files import read_json, write_json
+
+FORMAT_VERSION = 1
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# bytes stored besides the logits: per image index, box (4 x int32), flip, mix partner;
+# per batch offset (int64), batch id, mix lambda and mix box (4 x int32)
+META_BYTES_PER_IMAGE = 4 + 16 + 1 + 4
+META_BYTES_PER_BATCH = 8 + 4 + 4 + 16
+HEADER_BYTES_PER_FILE = 616  # safetensors header of one epoch file (measured; varies by a few bytes)
+PRUNE_METRICS = ("random", "order", "entropy-high", "entropy-low", "margin-high", "margin-low")
+
+
+class LabelStoreError(ValueError):
+    """A label store that does not fit the images, the student or itself."""
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_prune_ratio(r: float) -> float:
+    if not 0 <= r < 1:
+        raise ValueError(f"prune ratio must be in [0, 1), got {r}")
+    return r
+
+
+def storage_bytes(classes: int, ipc: int, epochs: int, batch_size: int = 1024, prune_ratio: float = 0.0,
+                  dtype: str = "fp16", topk: int | None = None, metadata: bool = True) -> int:
+    """Bytes of a label store: E x N x C x bytes x (1 - r), plus replay metadata.
+
+    With ``topk`` only the K largest logits and their int16/int32 class index are kept.
+    """
+    check_prune_ratio(prune_ratio)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    n = classes * ipc
+    per_value = DTYPES[dtype].itemsize
+    per_image = classes * per_value if topk is None else topk * (per_value + (2 if classes < 2**15 else 4))
+    batches = epochs * math.ceil(n / batch_size)
+    kept = max(1, round(batches * (1 - prune_ratio)))
+    images = kept * n / batches  # kept batches hold this many labelled images on average
+    files = min(epochs, kept)
+    meta = images * META_BYTES_PER_IMAGE + kept * META_BYTES_PER_BATCH + files * HEADER_BYTES_PER_FILE \
+        if metadata else 0
+    return round(images * per_image + meta)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+@dataclass
+class BatchRecord:
+    """One stored label batch: which images, how they were augmented, and the teacher's logits."""
+
+    epoch: int
+    batch: int
+    index: torch.Tensor  # B image indices
+    boxes: torch.Tensor  # B x 4 (top, left, h, w)
+    flips: torch.Tensor  # B bool
+    mix_perm: torch.Tensor  # B positions of the mix partner in this batch
+    mix_lam: float
+    mix_box: torch.Tensor  # 4 (top, left, h, w) of the pasted CutMix box
+    logits: torch.Tensor | None = None
+
+
+def write_epoch(path, records: list[BatchRecord], num_classes: int, dtype: str) -> None:
+    """Write the kept batches of one epoch as one safetensors file (atomically)."""
+    from .files import save_tensors
+
+    sizes = torch.tensor([len(r.index) for r in records], dtype=torch.long)
+    logits = torch.cat([r.logits for r in records]) if records else torch.zeros(0, num_classes)
+    save_tensors(path, {
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]),
+        "batch_ids": torch.tensor([r.batch for r in records], dtype=torch.int32),
+        "index": torch.cat([r.index for r in records]).int(),
+        "boxes": torch.cat([r.boxes for r in records]).int(),
+        "flips": torch.cat([r.flips for r in records]).to(torch.uint8),
+        "mix_perm": torch.cat([r.mix_perm for r in records]).int(),
+        "mix_lam": torch.tensor([r.mix_lam for r in records], dtype=torch.float32),
+        "mix_box": torch.stack([r.mix_box for r in records]).int(),
+        "logits": logits.to(DTYPES[dtype]),
+    })
+
+
+class LabelStore:
+    """Read access to a label store folder; opens epoch files lazily, one batch at a time."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not (self.path / "manifest.json").exists():
+            raise FileNotFoundError(f"{self.path / 'manifest.json'} not found: is {self.path} a label store "
+                                    "made by `dsutil relabel`?")
+        self.manifest = read_json(self.path / "manifest.json")
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise LabelStoreError(f"{self.path}: format version {self.manifest.get('format_version')}, "
+                                  f"this dsutil reads {FORMAT_VERSION}")
+        self.present = {int(e): ids for e, ids in self.manifest["present"].items()}
+        self._handles: dict[int, object] = {}
+        self._offsets: dict[int, dict[int, tuple[int, int]]] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["classes"])
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.path / f"epoch{epoch:05d}.safetensors"
+
+    def keys(self) -> list[tuple[int, int]]:
+        """Every stored (epoch, batch) pair, in order."""
+        return [(e, b) for e in sorted(self.present) for b in self.present[e]]
+
+    def check_images(self, images_path) -> None:
+        """Refuse to pair this store with images other than those it was made for."""
+        want, got = self.manifest["images_sha256"], file_sha256(images_path)
+        if want != got:
+            raise LabelStoreError(f"label store {self.path} was made for images with sha256 {want[:12]}..., "
+                                  f"but {images_path} has {got[:12]}...; relabel these images")
+
+    def check_files(self) -> None:
+        """Every epoch file the manifest names is present, readable and complete."""
+        for e in sorted(self.present):
+            handle = self._open(e)
+            n = handle.get_slice("index").get_shape()[0]
+            if handle.get_slice("logits").get_shape() != [n, self.num_classes]:
+                raise LabelStoreError(f"{self.epoch_path(e)} holds logits of the wrong shape")
+
+    def _open(self, epoch: int):
+        if epoch not in self._handles:
+            from safetensors import safe_open
+
+            path = self.epoch_path(epoch)
+            if not path.exists():
+                raise LabelStoreError(f"{path} is missing from the label store (the manifest lists epoch {epoch})")
+            try:
+                handle = safe_open(str(path), framework="pt")
+                offsets = handle.get_tensor("offsets").tolist()
+                ids = handle.get_tensor("batch_ids").tolist()
+            except Exception as e:
+                raise LabelStoreError(f"{path} is truncated or not a safetensors label file ({e})") from e
+            self._handles[epoch] = handle
+            self._offsets[epoch] = {b: (offsets[i], offsets[i + 1]) for i, b in enumerate(ids)}
+        return self._handles[epoch]
+
+    def read(self, epoch: int, batch: int) -> BatchRecord:
+        """One stored batch, read by slicing its epoch file."""
+        h = self._open(epoch)
+        if batch not in self._offsets[epoch]:
+            raise KeyError(f"batch {batch} of epoch {epoch} is not in {self.path}")
+        lo, hi = self._offsets[epoch][batch]
+        k = list(self._offsets[epoch]).index(batch)
+        try:
+            get = lambda name: h.get_slice(name)[lo:hi]  # noqa: E731
+            return BatchRecord(epoch, batch, get("index").long(), get("boxes").long(), get("flips").bool(),
+                               get("mix_perm").long(), float(h.get_slice("mix_lam")[k:k + 1][0]),
+                               h.get_slice("mix_box")[k:k + 1][0].long(), get("logits").float())
+        except Exception as e:
+            raise LabelStoreError(f"{self.epoch_path(epoch)} could not be read ({e}); is it truncated?") from e
+
+    def batch_scores(self, metric: str) -> dict[tuple[int, int], float]:
+        """Mean entropy or margin of the teacher's distribution per stored batch."""
+        kind = metric.split("-")[0]
+        out = {}
+        for e in sorted(self.present):
+            h = self._open(e)
+            logits = h.get_tensor("logits").float()
+            p = logits.softmax(1)
+            if kind == "entropy":
+                s = -(p * p.clamp_min(1e-12).log()).sum(1)
+            elif kind == "margin":
+                top2 = p.topk(2, 1).values
+                s = top2[:, 0] - top2[:, 1]
+            else:
+                raise ValueError(f"no score for metric {metric!r}")
+            for b, (lo, hi) in self._offsets[e].items():
+                out[(e, b)] = float(s[lo:hi].mean())
+        return out
+
+    def kept_bytes(self, kept: list[tuple[int, int]]) -> int:
+        """Bytes the kept batches take in this format: logits plus replay metadata."""
+        per_value = DTYPES[self.manifest["dtype"]].itemsize
+        total = 0
+        for e, b in kept:
+            self._open(e)
+            lo, hi = self._offsets[e][b]
+            total += (hi - lo) * (self.num_classes * per_value + META_BYTES_PER_IMAGE) + META_BYTES_PER_BATCH
+        return total
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+
+def select_batches(store: LabelStore, prune_ratio: float, metric: str = "random", granularity: str = "batch",
+                   seed: int = 0) -> list[tuple[int, int]]:
+    """The (epoch, batch) pairs kept at ``prune_ratio``: 1 - r of the batches, or of whole epochs."""
+    check_prune_ratio(prune_ratio)
+    if metric not in PRUNE_METRICS:
+        raise ValueError(f"unknown pruning metric {metric!r}; expected one of {', '.join(PRUNE_METRICS)}")
+    if granularity not in ("batch", "epoch"):
+        raise ValueError(f"granularity must be 'batch' or 'epoch', got {granularity!r}")
+    keys = store.keys()
+    if granularity == "epoch":
+        units = [[k for k in keys if k[0] == e] for e in sorted(store.present)]
+    else:
+        units = [[k] for k in keys]
+    keep = max(1, round(len(units) * (1 - prune_ratio)))
+    if metric == "random":
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(units), generator=gen).tolist()
+    elif metric == "order":
+        order = list(range(len(units)))
+    else:
+        scores = store.batch_scores(metric)
+        unit_score = [sum(scores[k] for k in u) / len(u) for u in units]
+        order = sorted(range(len(units)), key=lambda i: unit_score[i], reverse=metric.endswith("-high"))
+    return sorted(k for i in order[:keep] for k in units[i])

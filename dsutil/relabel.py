@@ -1,0 +1,159 @@
+"""Relabel: FKD-style soft labels on augmented crops, stored with their replay recipe.
+
+For each epoch the distilled images are shuffled into batches; each image gets
+a RandomResizedCrop and a flip, each batch optionally CutMix or MixUp; the
+teacher labels the augmented batch. The explicit index list, boxes, flips and
+mix parameters are stored with the logits, so training replays exactly what
+the teacher saw, whatever the sampler, image count or PyTorch version.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from tqdm.auto import tqdm
+
+from .augment import rrc_boxes
+from .files import write_json
+from .labels import DTYPES, FORMAT_VERSION, BatchRecord, check_prune_ratio, file_sha256, write_epoch
+from .recover import load_images, load_squeezed
+from .runtime import derive_seed, resolve_device
+
+MIXES = ("none", "cutmix", "mixup")
+
+
+@dataclass
+class RelabelConfig:
+    epochs: int = 200
+    batch_size: int = 50
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
+    mix: str = "none"
+    mix_alpha: float = 1.0
+    dtype: str = "fp16"
+    prune_ratio: float = 0.0  # when > 0, only a random (1 - r) of the batches is ever generated
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mix not in MIXES:
+            raise ValueError(f"mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.epochs <= 0 or self.batch_size <= 0:
+            raise ValueError(f"epochs and batch size must be positive, got {self.epochs} and {self.batch_size}")
+        check_prune_ratio(self.prune_ratio)
+        self.crop_scale = tuple(self.crop_scale)
+
+
+def epoch_records(num_images: int, image_hw: tuple[int, int], cfg: RelabelConfig, epoch: int) -> list[BatchRecord]:
+    """The batches of one epoch with all their random draws (no logits yet); fixed by seed and epoch."""
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "relabel", epoch))
+    perm = torch.randperm(num_images, generator=gen)
+    records = []
+    for b, index in enumerate(perm.split(cfg.batch_size)):
+        n = len(index)
+        boxes = rrc_boxes(n, *image_hw, cfg.crop_scale, generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5 if cfg.flip else torch.zeros(n, dtype=torch.bool)
+        mix_perm, lam, mix_box = torch.arange(n), 1.0, torch.zeros(4, dtype=torch.long)
+        if cfg.mix != "none":
+            mix_perm = torch.randperm(n, generator=gen)
+            lam = _beta(cfg.mix_alpha, gen)
+            if cfg.mix == "cutmix":
+                mix_box, lam = _cutmix_box(lam, *image_hw, gen)
+        records.append(BatchRecord(epoch, b, index, boxes, flips, mix_perm, lam, mix_box))
+    return records
+
+
+def _beta(alpha: float, gen: torch.Generator) -> float:
+    """A Beta(alpha, alpha) draw, seeded from the epoch's generator so it replays."""
+    import numpy as np
+
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def _cutmix_box(lam: float, height: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """A box of area about (1 - lam), centred uniformly and clipped; lam is corrected to the clipped area."""
+    cut = math.sqrt(1 - lam)
+    ch, cw = int(height * cut), int(width * cut)
+    cy, cx = (int(v) for v in torch.randint(0, height, (1,), generator=gen).tolist() +
+              torch.randint(0, width, (1,), generator=gen).tolist())
+    top, bottom = max(cy - ch // 2, 0), min(cy + ch // 2, height)
+    left, right = max(cx - cw // 2, 0), min(cx + cw // 2, width)
+    box = torch.tensor([top, left, bottom - top, right - left])
+    return box, 1 - (bottom - top) * (right - left) / (height * width)
+
+
+def replay(images: torch.Tensor, rec: BatchRecord) -> torch.Tensor:
+    """The augmented batch of a record, rebuilt from the distilled images with torchvision v2 ops."""
+    size = list(images.shape[-2:])
+    out = []
+    for i, (top, left, h, w), flip in zip(rec.index.tolist(), rec.boxes.tolist(), rec.flips.tolist()):
+        x = TF.resized_crop(images[i], top, left, h, w, size, antialias=True)
+        out.append(TF.horizontal_flip(x) if flip else x)
+    x = torch.stack(out)
+    if rec.mix_lam < 1.0:
+        partner = x[rec.mix_perm]
+        if rec.mix_box.any():  # CutMix: paste the partner's box
+            top, left, h, w = rec.mix_box.tolist()
+            x = x.clone()
+            x[:, :, top:top + h, left:left + w] = partner[:, :, top:top + h, left:left + w]
+        else:  # MixUp
+            x = rec.mix_lam * x + (1 - rec.mix_lam) * partner
+    return x
+
+
+def store_dir(run_dir, images_dir, cfg: RelabelConfig) -> Path:
+    name = f"{Path(images_dir).name}-e{cfg.epochs}-b{cfg.batch_size}-{cfg.mix}"
+    if cfg.prune_ratio:
+        name += f"-r{cfg.prune_ratio:g}"
+    return Path(run_dir) / "labels" / name
+
+
+@torch.no_grad()
+def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, device: str = "auto",
+            progress: bool = True) -> Path:
+    """Label the distilled images in ``images_dir`` with the run's teacher into a label store.
+
+    Epoch files already present are kept, so an interrupted relabel resumes.
+    """
+    dev = resolve_device(device)
+    teacher, spec, _, info = load_squeezed(run_dir, dev)
+    images, labels, meta = load_images(images_dir)
+    if len(meta["classes"]) != spec["num_classes"]:
+        raise ValueError(f"{images_dir} has {len(meta['classes'])} classes, the teacher {spec['num_classes']}")
+    out = Path(out) if out else store_dir(run_dir, images_dir, cfg)
+    start = time.time()
+    n, hw = len(images), tuple(images.shape[-2:])
+    per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * per_epoch
+    keep = set(range(total))
+    if cfg.prune_ratio:  # known before relabelling: only the kept batches are generated
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "prune"))
+        keep = set(torch.randperm(total, generator=gen)[:max(1, round(total * (1 - cfg.prune_ratio)))].tolist())
+    present = {}
+    for epoch in tqdm(range(cfg.epochs), desc="relabel", disable=not progress):
+        records = [r for r in epoch_records(n, hw, cfg, epoch) if epoch * per_epoch + r.batch in keep]
+        present[epoch] = [r.batch for r in records]
+        path = out / f"epoch{epoch:05d}.safetensors"
+        if path.exists() or not records:
+            continue
+        for r in records:
+            r.logits = teacher(replay(images, r).to(dev)).float().cpu()
+        write_epoch(path, records, spec["num_classes"], cfg.dtype)
+    present = {e: b for e, b in present.items() if b}
+    manifest = {"format_version": FORMAT_VERSION, "classes": meta["classes"], "teacher": spec,
+                "teacher_sha256": file_sha256(Path(run_dir) / "teacher.safetensors"),
+                "images": str(Path(images_dir) / "images.safetensors"),
+                "images_sha256": file_sha256(Path(images_dir) / "images.safetensors"),
+                "num_images": n, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                "batches_per_epoch": per_epoch, "dtype": cfg.dtype,
+                "augmentation": {"crop_scale": cfg.crop_scale, "flip": cfg.flip, "mix": cfg.mix,
+                                 "mix_alpha": cfg.mix_alpha},
+                "settings": asdict(cfg), "present": present, "seconds": time.time() - start}
+    write_json(out / "manifest.json", manifest)
+    return out

@@ -1,0 +1,119 @@
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dsutil.analysis import within_class_cosine
+from dsutil.files import read_json
+from dsutil.models import penultimate_features
+from dsutil.recover import (BNTargets, RecoverConfig, load_images, load_squeezed, make_groups, parse_classes,
+                            recover, recover_dir, synthesize)
+from dsutil.squeeze import BNStats
+
+
+def copy_squeeze(src, dst):
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("squeeze.json", "teacher.safetensors", "bn_stats.safetensors"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+@pytest.mark.parametrize("method", ["lpld", "sre2l", "cross-class-classbn"])
+def test_batched_engine_equals_groups_one_at_a_time(mnist_run, method):
+    teacher, spec, stats, info = load_squeezed(mnist_run)
+    cfg = RecoverConfig(method=method, ipc=3, iterations=20, chunk_classes=4)
+    shape = (1, 28, 28)
+    low, high = (torch.tensor([(v - 0.1307) / 0.3081]).view(-1, 1, 1) for v in (0, 1))
+    targets = BNTargets(teacher, stats, "running", torch.device("cpu"))
+    run = lambda gs: synthesize(teacher, gs, targets, method, cfg, shape, (low, high), torch.device("cpu"))  # noqa
+    together = run(make_groups(method, 3, range(4), seed=7, chunk_classes=4))
+    alone = [run([g])[0] for g in make_groups(method, 3, range(4), seed=7, chunk_classes=4)]
+    assert len(together) == len(alone) >= 3
+    for a, b in zip(together, alone):
+        assert (a.images - b.images).abs().max() <= 1e-5
+        assert a.images.std() > 0.1  # the images did move away from each other
+    assert (together[0].images - together[1].images).abs().max() > 0.1
+
+
+def test_lpld_images_are_more_diverse_than_sre2l(mnist_run, tmp_path):
+    run = copy_squeeze(mnist_run, tmp_path / "run")
+    teacher, *_ = load_squeezed(run)
+    cos = {}
+    for method in ("sre2l", "lpld"):
+        summary = recover(run, RecoverConfig(method=method, ipc=10, iterations=200, r_bn=0.1), device="cpu", progress=False)
+        assert min(summary["teacher_top1_per_class"]) >= 0.95
+        x, y, meta = load_images(recover_dir(run, method, 10))
+        assert x.shape == (100, 1, 28, 28) and meta["classes"] == [str(c) for c in range(10)]
+        cos[method] = within_class_cosine(penultimate_features(teacher, x), y)
+        assert len(list((recover_dir(run, method, 10) / "png" / "3").glob("*.png"))) == 10
+    assert cos["lpld"] < cos["sre2l"]
+
+
+def test_real_baseline_picks_real_training_images(mnist_run, mnist, tmp_path):
+    run = copy_squeeze(mnist_run, tmp_path / "run")
+    summary = recover(run, RecoverConfig(method="real", ipc=4), device="cpu", progress=False)
+    x, y, _ = load_images(recover_dir(run, "real", 4))
+    assert y.tolist() == sorted(list(range(10)) * 4)
+    train = mnist.normalize(mnist.train.images)
+    for img, c in zip(x, y):
+        match = (train - img).flatten(1).abs().max(1).values < 1e-6
+        assert match.any() and (mnist.train.targets[match] == c).all()
+    assert summary["teacher_top1_on_images"] > 0.9
+
+
+def test_within_class_cosine_equals_a_pairwise_loop():
+    torch.manual_seed(0)
+    feats, labels = torch.randn(23, 7), torch.randint(0, 3, (23,))
+    per_class = []
+    for c in range(3):
+        idx = (labels == c).nonzero().flatten().tolist()
+        sims = [torch.nn.functional.cosine_similarity(feats[i].double(), feats[j].double(), dim=0)
+                for a, i in enumerate(idx) for j in idx[a + 1:]]
+        per_class.append(sum(sims) / len(sims))
+    assert within_class_cosine(feats, labels) == pytest.approx(float(sum(per_class) / 3), abs=1e-12)
+
+
+def test_clear_errors(mnist_run, tmp_path):
+    with pytest.raises(ValueError, match="ipc must be a positive"):
+        RecoverConfig(ipc=0)
+    with pytest.raises(ValueError, match="outside the dataset"):
+        parse_classes("5:12", 10)
+    with pytest.raises(FileNotFoundError, match="dsutil squeeze"):
+        recover(tmp_path / "empty", RecoverConfig(ipc=1, iterations=1), device="cpu")
+    run = copy_squeeze(mnist_run, tmp_path / "run")
+    with pytest.raises(ValueError, match="outside the dataset"):
+        recover(run, RecoverConfig(ipc=1, iterations=1), classes=range(8, 11), device="cpu")
+    stats = BNStats.load(run / "bn_stats.safetensors")
+    stats.classes, stats.class_count = stats.classes[:9], stats.class_count[:9]
+    stats.class_mean = [m[:9] for m in stats.class_mean]
+    stats.class_var = [v[:9] for v in stats.class_var]
+    stats.save(run / "bn_stats.safetensors")
+    with pytest.raises(ValueError, match="9 classes but the teacher has 10"):
+        recover(run, RecoverConfig(ipc=1, iterations=1), device="cpu")
+
+
+def test_killed_run_resumes_to_the_same_images(mnist_run, tmp_path):
+    args = ["--method", "lpld", "--ipc", "2", "--iterations", "100", "--batch-images", "2", "--seed", "3",
+            "--device", "cpu"]
+    whole, killed = copy_squeeze(mnist_run, tmp_path / "whole"), copy_squeeze(mnist_run, tmp_path / "killed")
+    cmd = [sys.executable, "-m", "dsutil.cli", "recover"]
+    subprocess.run(cmd + ["--run", str(whole)] + args, check=True, capture_output=True)
+    proc = subprocess.Popen(cmd + ["--run", str(killed)] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    units = recover_dir(killed, "lpld", 2) / "units"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(units.glob("*.safetensors"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(units.glob("*.safetensors")))
+    assert 3 <= done < 10, f"the run was to be killed part-way, {done} of 10 units were done"
+    assert not (recover_dir(killed, "lpld", 2) / "images.safetensors").exists()
+    subprocess.run(cmd + ["--run", str(killed)] + args, check=True, capture_output=True)
+    a, la, _ = load_images(recover_dir(whole, "lpld", 2))
+    b, lb, _ = load_images(recover_dir(killed, "lpld", 2))
+    assert torch.equal(la, lb) and torch.equal(a, b)
+    assert read_json(recover_dir(killed, "lpld", 2) / "recover.json")["images"] == 20
