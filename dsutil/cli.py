@@ -44,6 +44,42 @@ def cmd_recover(args) -> None:
               f"{summary['teacher_top1_on_images']:.3f}")
 
 
+def cmd_relabel(args) -> None:
+    from .labels import LabelStore, human_bytes
+    from .relabel import RelabelConfig, relabel
+
+    cfg = RelabelConfig(epochs=args.epochs, batch_size=args.batch_size, mix=args.mix, dtype=args.dtype,
+                        prune_ratio=args.prune_ratio, seed=args.seed, flip=args.flip)
+    store = relabel(args.run, args.images, cfg, out=args.out, device=args.device)
+    print(f"label store {store}: {human_bytes(LabelStore(store).disk_bytes())} on disk")
+
+
+def cmd_train(args) -> None:
+    from .train import StudentConfig, train_student
+
+    cfg = StudentConfig(**{k: v for k, v in vars(args).items() if k in StudentConfig.__dataclass_fields__})
+    name = f"{Path(args.labels).name}-{cfg.arch}-r{cfg.prune_ratio:g}-{cfg.metric}-{cfg.granularity}"
+    out = args.out or Path(args.run) / "students" / (name + ("-online" if cfg.online else ""))
+    result = train_student(args.run, args.labels, cfg, out, device=args.device)
+    print(f"student {cfg.arch}: test top-1 {result['test_top1']:.4f} with {result['label_bytes']} label bytes "
+          f"-> {out}")
+
+
+def cmd_labels_size(args) -> None:
+    import json
+
+    from .labels import human_bytes, storage_bytes
+
+    n = storage_bytes(args.classes, args.ipc, args.epochs, args.batch_size, args.prune_ratio, args.dtype, args.topk)
+    full = storage_bytes(args.classes, args.ipc, args.epochs, args.batch_size, 0.0, args.dtype, None)
+    if args.json:
+        setting = {k: v for k, v in vars(args).items() if k not in ("func", "command", "labels_command", "json")}
+        print(json.dumps({"bytes": n, "gib": n / 2**30, "full_bytes": full, "reduction": full / n} | setting))
+    else:
+        smaller = f"; {full / n:.1f}x less than {human_bytes(full)} unpruned" if n < full else ""
+        print(f"{human_bytes(n)} ({n} bytes{smaller})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recover import METHODS, REAL, RecoverConfig
     from .squeeze import TeacherConfig
@@ -90,6 +126,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_recover)
+
+    from .relabel import MIXES, RelabelConfig
+
+    p = sub.add_parser("relabel", help="store FKD-style soft labels of augmented crops, with replay recipes")
+    d = RelabelConfig()
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--images", required=True, type=Path, help="a recover folder, e.g. RUN/recover/lpld-ipc10")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--mix", default=d.mix, choices=MIXES)
+    p.add_argument("--no-flip", dest="flip", action="store_false")
+    p.add_argument("--dtype", default=d.dtype, choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--prune-ratio", type=float, default=0.0, help="generate only a random 1 - r of the batches")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", type=Path, default=None, help="store folder (default RUN/labels/<name>)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_relabel)
+
+    from .labels import PRUNE_METRICS
+    from .train import StudentConfig
+
+    p = sub.add_parser("train", help="train a student on a label store and evaluate it on real test images")
+    d = StudentConfig()
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--labels", required=True, type=Path, help="label store folder")
+    p.add_argument("--prune-ratio", type=float, default=d.prune_ratio)
+    p.add_argument("--metric", default=d.metric, choices=PRUNE_METRICS)
+    p.add_argument("--granularity", default=d.granularity, choices=["batch", "epoch"])
+    p.add_argument("--student", dest="arch", default=d.arch)
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--epochs", type=int, default=None, help="default: the store's relabel epochs")
+    p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"])
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--kl-times-t2", action="store_true")
+    p.add_argument("--online", action="store_true", help="label each batch with the teacher on the fly")
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("labels", help="label storage tools")
+    lsub = p.add_subparsers(dest="labels_command", required=True)
+    q = lsub.add_parser("size", help="storage of a label setting (the paper's formula plus replay metadata)")
+    q.add_argument("--classes", type=int, required=True)
+    q.add_argument("--ipc", type=int, required=True)
+    q.add_argument("--epochs", type=int, required=True)
+    q.add_argument("--batch-size", type=int, default=1024)
+    q.add_argument("--prune-ratio", type=float, default=0.0)
+    q.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    q.add_argument("--topk", type=int, default=None, help="keep only the top-k logits of every label")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_labels_size)
     return parser
 
 

@@ -60,7 +60,7 @@ def storage_bytes(classes: int, ipc: int, epochs: int, batch_size: int = 1024, p
     per_image = classes * per_value if topk is None else topk * (per_value + (2 if classes < 2**15 else 4))
     batches = epochs * math.ceil(n / batch_size)
     kept = max(1, round(batches * (1 - prune_ratio)))
-    images = kept * n / batches  # kept batches hold this many labelled images on average
+    images = kept * n * epochs / batches  # labelled images in the kept batches (on average)
     files = min(epochs, kept)
     meta = images * META_BYTES_PER_IMAGE + kept * META_BYTES_PER_BATCH + files * HEADER_BYTES_PER_FILE \
         if metadata else 0
