@@ -115,10 +115,11 @@ def synthesize(teacher: torch.nn.Module, groups: list[Group], targets: BNTargets
                cfg: RecoverConfig, image_shape: tuple[int, int, int], pixel_range, device) -> list[Group]:
     """Optimise the images of ``groups`` together in one batch; fills each group's images and losses."""
     target_kind = METHODS[method][1]
+    dt = next(teacher.parameters()).dtype  # float32 normally; float64 for exactness checks
     gens = [torch.Generator().manual_seed(g.seed) for g in groups]
     sizes = [len(g.labels) for g in groups]
     n = sum(sizes)
-    x = torch.cat([torch.randn(s, *image_shape, generator=gen) for s, gen in zip(sizes, gens)]).to(device)
+    x = torch.cat([torch.randn(s, *image_shape, generator=gen) for s, gen in zip(sizes, gens)]).to(device, dt)
     x.requires_grad_(True)
     labels = torch.cat([g.labels for g in groups]).to(device)
     group_of = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes)).to(device)
@@ -131,10 +132,11 @@ def synthesize(teacher: torch.nn.Module, groups: list[Group], targets: BNTargets
         uniq, unit_of = torch.unique(keys, return_inverse=True)
         unit_target, unit_group = uniq % (targets.global_row + 1), uniq // (targets.global_row + 1)
     n_units = len(unit_target)
-    unit_size = torch.zeros(n_units, device=device).index_add_(0, unit_of, torch.ones(n, device=device))
-    units_per_group = torch.zeros(len(groups), device=device).index_add_(0, unit_group, torch.ones(n_units, device=device))
-    group_size = torch.tensor(sizes, device=device, dtype=torch.float)
-    low, high = (p.to(device) for p in pixel_range)
+    zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dt)  # noqa: E731
+    unit_size = zeros(n_units).index_add_(0, unit_of, torch.ones(n, device=device, dtype=dt))
+    units_per_group = zeros(len(groups)).index_add_(0, unit_group, torch.ones(n_units, device=device, dtype=dt))
+    group_size = torch.tensor(sizes, device=device, dtype=dt)
+    low, high = (p.to(device, dt) for p in pixel_range)
 
     bn_inputs = []
     hooks = [m.register_forward_hook(lambda m, i, o: bn_inputs.append(i[0])) for _, m in bn_layers(teacher)]
@@ -155,19 +157,19 @@ def synthesize(teacher: torch.nn.Module, groups: list[Group], targets: BNTargets
             bn_inputs.clear()
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
                 logits = teacher(xa.contiguous(memory_format=torch.channels_last) if cfg.channels_last else xa)
-            ce = F.cross_entropy(logits.float(), labels, reduction="none")
-            ce_group = torch.zeros(len(groups), device=device).index_add(0, group_of, ce) / group_size
-            bn_unit = torch.zeros(n_units, device=device)
+            ce = F.cross_entropy(logits.to(dt), labels, reduction="none")
+            ce_group = zeros(len(groups)).index_add(0, group_of, ce) / group_size
+            bn_unit = zeros(n_units)
             for a, feat, t_mean, t_var in zip(multipliers, bn_inputs, targets.mean, targets.var):
-                feat = feat.float()
+                feat = feat.to(dt)
                 ch = feat.shape[1]
-                mean = torch.zeros(n_units, ch, device=device).index_add(0, unit_of, feat.mean((2, 3)))
-                mean = mean / unit_size[:, None]
+                mean = zeros(n_units, ch).index_add(0, unit_of, feat.mean((2, 3))) / unit_size[:, None]
                 dev2 = ((feat - mean[unit_of][:, :, None, None]) ** 2).mean((2, 3))
-                var = torch.zeros(n_units, ch, device=device).index_add(0, unit_of, dev2) / unit_size[:, None]
+                var = zeros(n_units, ch).index_add(0, unit_of, dev2) / unit_size[:, None]
+                t_mean, t_var = t_mean.to(dt), t_var.to(dt)
                 bn_unit = bn_unit + a * (torch.linalg.vector_norm(mean - t_mean[unit_target], dim=1)
                                          + torch.linalg.vector_norm(var - t_var[unit_target], dim=1))
-            bn_group = torch.zeros(len(groups), device=device).index_add(0, unit_group, bn_unit) / units_per_group
+            bn_group = zeros(len(groups)).index_add(0, unit_group, bn_unit) / units_per_group
             loss = (ce_group + cfg.r_bn * bn_group).sum()  # a sum, so each group gets its own gradient
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -177,7 +179,7 @@ def synthesize(teacher: torch.nn.Module, groups: list[Group], targets: BNTargets
     finally:
         for h in hooks:
             h.remove()
-    images = x.detach().cpu().split(sizes)
+    images = x.detach().float().cpu().split(sizes)
     for g, im, c, b in zip(groups, images, ce.detach().cpu().split(sizes), bn_group.detach().cpu()):
         g.images, g.ce, g.bn = im, c, float(b)
     return groups

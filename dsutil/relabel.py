@@ -18,9 +18,9 @@ import torchvision.transforms.v2.functional as TF
 from tqdm.auto import tqdm
 
 from .augment import rrc_boxes
-from .files import write_json
+from .files import read_json, write_json
 from .labels import DTYPES, FORMAT_VERSION, BatchRecord, check_prune_ratio, file_sha256, write_epoch
-from .recover import load_images, load_squeezed
+from .recover import json_ready, load_images, load_squeezed
 from .runtime import derive_seed, resolve_device
 
 MIXES = ("none", "cutmix", "mixup")
@@ -127,6 +127,14 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
     if len(meta["classes"]) != spec["num_classes"]:
         raise ValueError(f"{images_dir} has {len(meta['classes'])} classes, the teacher {spec['num_classes']}")
     out = Path(out) if out else store_dir(run_dir, images_dir, cfg)
+    images_sha256 = file_sha256(Path(images_dir) / "images.safetensors")
+    teacher_sha256 = file_sha256(Path(run_dir) / "teacher.safetensors")
+    if (out / "manifest.json").exists():  # epoch files present are reused: only for the same inputs
+        old = read_json(out / "manifest.json")
+        if (old.get("images_sha256"), old.get("teacher_sha256"), json_ready(old.get("settings"))) != \
+                (images_sha256, teacher_sha256, json_ready(asdict(cfg))):
+            raise ValueError(f"{out} holds labels made from other images, teacher or settings; "
+                             "remove it or choose another --out")
     start = time.time()
     n, hw = len(images), tuple(images.shape[-2:])
     per_epoch = math.ceil(n / cfg.batch_size)
@@ -147,9 +155,9 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
         write_epoch(path, records, spec["num_classes"], cfg.dtype)
     present = {e: b for e, b in present.items() if b}
     manifest = {"format_version": FORMAT_VERSION, "classes": meta["classes"], "teacher": spec,
-                "teacher_sha256": file_sha256(Path(run_dir) / "teacher.safetensors"),
+                "teacher_sha256": teacher_sha256,
                 "images": str(Path(images_dir) / "images.safetensors"),
-                "images_sha256": file_sha256(Path(images_dir) / "images.safetensors"),
+                "images_sha256": images_sha256,
                 "num_images": n, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                 "batches_per_epoch": per_epoch, "dtype": cfg.dtype,
                 "augmentation": {"crop_scale": cfg.crop_scale, "flip": cfg.flip, "mix": cfg.mix,

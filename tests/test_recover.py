@@ -24,7 +24,10 @@ def copy_squeeze(src, dst):
 
 @pytest.mark.parametrize("method", ["lpld", "sre2l", "cross-class-classbn"])
 def test_batched_engine_equals_groups_one_at_a_time(mnist_run, method):
+    """In float64, so that only the engine's logic can differ: in float32, reduction-order noise
+    on pixels whose gradient is about zero is amplified by Adam's normalisation (up to ~5e-3)."""
     teacher, spec, stats, info = load_squeezed(mnist_run)
+    teacher = teacher.double()
     cfg = RecoverConfig(method=method, ipc=3, iterations=20, chunk_classes=4)
     shape = (1, 28, 28)
     low, high = (torch.tensor([(v - 0.1307) / 0.3081]).view(-1, 1, 1) for v in (0, 1))
@@ -44,7 +47,7 @@ def test_lpld_images_are_more_diverse_than_sre2l(mnist_run, tmp_path):
     teacher, *_ = load_squeezed(run)
     cos = {}
     for method in ("sre2l", "lpld"):
-        summary = recover(run, RecoverConfig(method=method, ipc=10, iterations=200, r_bn=0.1), device="cpu", progress=False)
+        summary = recover(run, RecoverConfig(method=method, ipc=10, iterations=300, r_bn=0.1), device="cpu", progress=False)
         assert min(summary["teacher_top1_per_class"]) >= 0.95
         x, y, meta = load_images(recover_dir(run, method, 10))
         assert x.shape == (100, 1, 28, 28) and meta["classes"] == [str(c) for c in range(10)]
