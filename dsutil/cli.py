@@ -80,6 +80,30 @@ def cmd_labels_size(args) -> None:
         print(f"{human_bytes(n)} ({n} bytes{smaller})")
 
 
+def _parse_sets(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. student.epochs=50")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_run(args) -> None:
+    from .config import load_config
+    from .runner import run_experiment, summary_table
+
+    cfg = load_config(args.config, _parse_sets(args.set), quick=args.quick)
+    out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else ""))
+    summary = run_experiment(cfg, out)
+    print(summary_table(summary))
+    print(f"{len(summary['stages']['ran'])} stages ran, {len(summary['stages']['reused'])} reused; "
+          f"{summary['seconds']:.0f} s. Summary: {out / 'summary.json'}; figures: {out / 'figures'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recover import METHODS, REAL, RecoverConfig
     from .squeeze import TeacherConfig
@@ -169,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_train)
+
+    for name in ("run", "demo"):
+        p = sub.add_parser(name, help="the MNIST-5k demo: every stage, a table and figures" if name == "demo"
+                           else "every stage of an experiment preset, reusing finished stages")
+        if name == "run":
+            p.add_argument("config", help="a YAML file or a preset name: mnist5k, tiny-imagenet, imagenet1k")
+        else:
+            p.set_defaults(config="mnist5k")
+        p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>)")
+        p.add_argument("--quick", action="store_true", help="the preset's smaller smoke-test settings")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. "
+                       "student.epochs=50 (repeatable)")
+        p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("labels", help="label storage tools")
     lsub = p.add_subparsers(dest="labels_command", required=True)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .augment import random_shift_flip
 from .data import ImageData
-from .files import load_tensors, save_model, save_tensors, write_json
+from .files import load_model, load_tensors, save_model, save_tensors, write_json
 from .models import build_model
 from .runtime import resolve_device, seed_everything
 from .evaluate import evaluate
@@ -147,6 +147,8 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
         opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adamw")
+    if cfg.epochs == 0:  # a pretrained teacher used as it is
+        return model.eval()
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                                          drop_last=len(data.train) > cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * len(loader),
@@ -166,21 +168,29 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
 
 
 def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), device: str = "auto",
-            progress: bool = True) -> dict:
-    """Train and save the teacher, its BN statistics and ``squeeze.json`` under ``out_dir``."""
+            progress: bool = True, teacher_checkpoint=None) -> dict:
+    """Train (or load) and save the teacher, its BN statistics and ``squeeze.json`` under ``out_dir``."""
     out_dir, dev = Path(out_dir), resolve_device(device)
     start = time.time()
-    model = train_teacher(data, cfg, dev, progress)
+    if teacher_checkpoint:
+        model, spec = load_model(teacher_checkpoint, dev)
+        if spec["num_classes"] != data.num_classes:
+            raise ValueError(f"{teacher_checkpoint} has {spec['num_classes']} classes, the data {data.num_classes}")
+        cfg = TeacherConfig(**{**asdict(cfg), "arch": spec["arch"], "epochs": 0})
+    else:
+        model = train_teacher(data, cfg, dev, progress)
     train_seconds = time.time() - start
     metrics = evaluate(model, data, "test", dev)
     c, h, _ = data.shape
-    spec = {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
-            "width": cfg.width, "depth": cfg.depth}
+    if not teacher_checkpoint:
+        spec = {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
+                "width": cfg.width, "depth": cfg.depth}
     save_model(out_dir / "teacher.safetensors", model, spec)
     stats = bn_statistics(model, tqdm(normalised_batches(data), desc="BN statistics", disable=not progress,
                                       total=-(-len(data.train) // 256)), data.classes, dev)
     stats.save(out_dir / "bn_stats.safetensors")
     summary = {"dataset": data.describe(), "teacher": spec, "settings": asdict(cfg), "device": str(dev),
+               "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
                "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],
                "train_seconds": train_seconds, "seconds": time.time() - start}
     write_json(out_dir / "squeeze.json", summary)

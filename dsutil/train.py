@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .data import ImageData
 from .evaluate import evaluate
 from .files import atomic_path, save_model, write_json
 from .labels import LabelStore, LabelStoreError, check_prune_ratio, select_batches
@@ -88,7 +89,7 @@ def kd_loss(student_logits, teacher_logits, temperature: float, times_t2: bool) 
 
 
 def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str = "auto",
-                  progress: bool = True) -> dict:
+                  progress: bool = True, data: ImageData | None = None) -> dict:
     """Train a student from scratch on a label store (or online), evaluate on the real test split.
 
     Checkpoints every epoch into ``out_dir`` and resumes from there.
@@ -105,7 +106,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     store.check_images(images_path)
     images, _, _ = load_images(images_path.parent)
     teacher, spec, _, info = load_squeezed(run_dir, dev)
-    data = load_from_source(info["dataset"]["source"])
+    data = data or load_from_source(info["dataset"]["source"])
     if store.num_classes != data.num_classes:
         raise LabelStoreError(f"label store {store.path} has {store.num_classes} classes, the student's data "
                               f"{data.num_classes}")

@@ -1,0 +1,93 @@
+"""Experiment configs: one dataclass per stage, all in one YAML preset.
+
+A preset names every setting of an experiment; the runner writes the
+resolved config next to the results, so a run directory says how it was made.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .recover import RecoverConfig
+from .relabel import RelabelConfig
+from .squeeze import TeacherConfig
+from .train import StudentConfig
+
+PRESETS = Path(__file__).with_name("configs")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist5k"
+    root: str | None = None
+    num_classes: int | None = None
+    per_class: int | None = None
+    image_size: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "mnist5k"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher_checkpoint: str | None = None  # a pretrained teacher (safetensors from dsutil) instead of training
+    methods: list[str] = field(default_factory=lambda: ["sre2l", "lpld", "real"])
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    method_overrides: dict[str, dict] = field(default_factory=dict)  # per-method recover settings
+    relabel: RelabelConfig = field(default_factory=RelabelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    prune_ratios: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9, 0.95, 0.975, 0.99])
+    prune_metrics: list[str] = field(default_factory=lambda: ["random"])
+    device: str = "auto"
+
+    def recover_config(self, method: str) -> RecoverConfig:
+        base = asdict(self.recover) | self.method_overrides.get(method, {}) | {"method": method}
+        return RecoverConfig(**base)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, values: dict | None, where: str):
+    values = values or {}
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+    return cls(**values)
+
+
+def from_dict(d: dict, where: str = "config") -> ExperimentConfig:
+    d = dict(d)
+    sections = {"data": DataConfig, "teacher": TeacherConfig, "recover": RecoverConfig,
+                "relabel": RelabelConfig, "student": StudentConfig}
+    for key, cls in sections.items():
+        if key in d:
+            d[key] = _build(cls, d[key], f"{where}: {key}")
+    return _build(ExperimentConfig, d, where)
+
+
+def load_config(path_or_name: str | Path, overrides: dict | None = None, quick: bool = False) -> ExperimentConfig:
+    """A YAML file, or the name of a packaged preset (mnist5k, tiny-imagenet, imagenet1k).
+
+    ``overrides`` maps dotted keys (``student.epochs``) to values; ``quick`` applies
+    the preset's own ``quick:`` section, a smaller smoke-test version of it.
+    """
+    path = Path(path_or_name)
+    if not path.exists():
+        path = PRESETS / f"{path_or_name}.yaml"
+    if not path.exists():
+        names = ", ".join(p.stem for p in sorted(PRESETS.glob("*.yaml")))
+        raise FileNotFoundError(f"config {path_or_name!r} not found; give a YAML path or a preset: {names}")
+    d = yaml.safe_load(path.read_text()) or {}
+    quick_overrides = d.pop("quick", None) or {}
+    for dotted, value in ((quick_overrides if quick else {}) | (overrides or {})).items():
+        node = d
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    return from_dict(d, str(path))

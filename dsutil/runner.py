@@ -1,0 +1,129 @@
+"""The experiment runner: every stage of a preset, cached by a hash of its settings.
+
+Each stage writes ``stage.json`` (the hash of its own settings and of its
+inputs' hashes) when it finishes. A rerun reuses a stage whose hash is
+unchanged and redoes one whose settings or inputs changed, and with it
+everything downstream, because downstream hashes include upstream ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from .analysis import within_class_cosine
+from .config import ExperimentConfig
+from .data import load_dataset
+from .files import read_json, write_json
+from .labels import LabelStore
+from .models import penultimate_features
+from .recover import load_images, load_squeezed, recover, recover_dir
+from .relabel import relabel
+from .squeeze import squeeze
+from .train import train_student
+
+
+def settings_hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """Runs or reuses stages, and remembers which it did."""
+
+    def __init__(self, progress: bool = True):
+        self.reused: list[str] = []
+        self.ran: list[str] = []
+        self.progress = progress
+
+    def __call__(self, name: str, marker: Path, settings: dict, upstream: list[str], fn, clear: Path | None = None
+                 ) -> str:
+        h = settings_hash(settings, upstream)
+        if marker.exists() and read_json(marker).get("hash") == h:
+            self.reused.append(name)
+            return h
+        if clear is not None and clear.exists():
+            shutil.rmtree(clear)
+        if self.progress:
+            print(f"[dsutil] {name} ...", flush=True)
+        fn()
+        write_json(marker, {"hash": h, "settings": settings, "upstream": upstream, "finished": time.time()})
+        self.ran.append(name)
+        return h
+
+
+def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
+    """Run (or reuse) squeeze, recover, relabel, students and analysis; write summary.json and figures."""
+    from .plots import demo_figures
+
+    out, start = Path(out), time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", cfg.to_dict())
+    stages = Stages(progress)
+    data = load_dataset(cfg.data.dataset, cfg.data.root, num_classes=cfg.data.num_classes,
+                        per_class=cfg.data.per_class, image_size=cfg.data.image_size, seed=cfg.data.seed)
+
+    h_squeeze = stages("squeeze", out / "squeeze.stage.json",
+                       {"data": asdict(cfg.data), "teacher": asdict(cfg.teacher), "checkpoint": cfg.teacher_checkpoint},
+                       [], lambda: squeeze(data, out, cfg.teacher, cfg.device, progress, cfg.teacher_checkpoint))
+    teacher, spec, _, info = load_squeezed(out)
+    methods: dict[str, dict] = {}
+    for method in cfg.methods:
+        rcfg = cfg.recover_config(method)
+        if method == "real":
+            rcfg = replace(rcfg, iterations=0)  # irrelevant to picking real images; keep the hash stable
+        rdir = recover_dir(out, method, rcfg.ipc)
+        h_rec = stages(f"recover {method}", rdir / "stage.json", asdict(rcfg), [h_squeeze],
+                       lambda: recover(out, rcfg, device=cfg.device, progress=progress), clear=rdir)
+        store = out / "labels" / f"{method}-ipc{rcfg.ipc}"
+        h_lab = stages(f"relabel {method}", store / "stage.json", asdict(cfg.relabel), [h_rec],
+                       lambda: relabel(out, rdir, cfg.relabel, out=store, device=cfg.device, progress=progress),
+                       clear=store)
+        images, labels, _ = load_images(rdir)
+        students = []
+        for metric in cfg.prune_metrics:
+            for ratio in cfg.prune_ratios:
+                scfg = replace(cfg.student, prune_ratio=ratio, metric=metric)
+                sdir = out / "students" / f"{method}-ipc{rcfg.ipc}-{metric}-r{ratio:g}"
+                stages(f"student {method} {metric} r={ratio:g}", sdir / "stage.json", asdict(scfg), [h_lab],
+                       lambda: train_student(out, store, scfg, sdir, cfg.device, progress=False, data=data),
+                       clear=sdir)
+                res = read_json(sdir / "train.json")
+                students.append({"prune_ratio": ratio, "metric": metric, "label_bytes": res["label_bytes"],
+                                 "test_top1": res["test_top1"], "test_top5": res["test_top5"],
+                                 "test_ece": res["test_ece"]})
+        methods[method] = {"ipc": rcfg.ipc,
+                           "within_class_cosine": within_class_cosine(penultimate_features(teacher, images), labels),
+                           "teacher_top1_on_images": read_json(rdir / "recover.json")["teacher_top1_on_images"],
+                           "label_bytes_full": LabelStore(store).kept_bytes(LabelStore(store).keys()),
+                           "label_bytes_on_disk": LabelStore(store).disk_bytes(),
+                           "students": students}
+    real_images = torch.stack([data.normalize(data.train[i][0]) for i in range(len(data.train))]) \
+        if len(data.train) <= 50_000 else None
+    real_cos = None if real_images is None else within_class_cosine(
+        penultimate_features(teacher, real_images), torch.as_tensor(data.train.targets))
+    summary = {"dataset": cfg.data.dataset, "teacher": {"arch": spec["arch"], "test_top1": info["test_top1"]},
+               "real_within_class_cosine": real_cos, "methods": methods, "settings": cfg.to_dict(),
+               "stages": {"ran": stages.ran, "reused": stages.reused}, "seconds": time.time() - start}
+    demo_figures(out, summary, data)
+    summary["seconds"] = time.time() - start
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    """A short terminal table: cosine, then top-1 at each pruning ratio, per method."""
+    ratios = [s["prune_ratio"] for s in next(iter(summary["methods"].values()))["students"]]
+    head = f"{'method':<8} {'cosine':>7} " + " ".join(f"{'r=' + format(r, 'g'):>8}" for r in ratios)
+    lines = [f"teacher {summary['teacher']['arch']}: test top-1 {summary['teacher']['test_top1']:.4f}; "
+             f"real images within-class cosine {summary['real_within_class_cosine']:.3f}", head]
+    for name, m in summary["methods"].items():
+        accs = " ".join(f"{s['test_top1'] * 100:7.1f}%" for s in m["students"])
+        lines.append(f"{name:<8} {m['within_class_cosine']:7.3f} {accs}")
+    full = next(iter(summary["methods"].values()))["label_bytes_full"]
+    lines.append(f"student test top-1 by label pruning ratio r (labels kept: 1 - r of {full} bytes)")
+    return "\n".join(lines)
