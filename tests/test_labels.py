@@ -1,0 +1,219 @@
+"""The label store: storage accounting against the paper and real stores, batch selection, batch reads."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dsutil.cli import main
+from dsutil.files import read_json, write_json
+from dsutil.labels import (HEADER_BYTES_PER_FILE, LabelStore, LabelStoreError, human_bytes, select_batches,
+                           storage_bytes)
+from dsutil.recover import RecoverConfig, recover, recover_dir
+from dsutil.relabel import RelabelConfig, relabel
+
+GIB = 2**30
+IPC, EPOCHS, BATCH = 5, 20, 10  # 50 real images in 5 full batches per epoch: 100 batches in all
+
+
+def copy_squeeze(src, dst):
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("squeeze.json", "teacher.safetensors", "bn_stats.safetensors"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batches: one intra-op thread is as fast, and does not stall when another process holds a core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run(mnist_run, tmp_path_factory):
+    run = copy_squeeze(mnist_run, tmp_path_factory.mktemp("labels") / "run")
+    recover(run, RecoverConfig(method="real", ipc=IPC), device="cpu", progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def stores(run):
+    """Real label stores of the teacher on the real images, unpruned and pruned at relabel time."""
+    images = recover_dir(run, "real", IPC)
+    def make(out=None, **kw):
+        cfg = RelabelConfig(epochs=EPOCHS, batch_size=BATCH, mix="cutmix", **kw)
+        return relabel(run, images, cfg, out=out, device="cpu", progress=False)
+
+    # the default folder name does not tell dtypes apart, so the fp32 store gets its own
+    return {0.0: make(), 0.5: make(prune_ratio=0.5), "fp32": make(dtype="fp32", out=run / "labels" / "fp32")}
+
+
+# the paper's label storage for ImageNet-1K, 300 relabel epochs, fp16 (its "GB" are GiB)
+@pytest.mark.parametrize("ipc,gib", [(10, 5.67), (50, 28.33), (100, 56.67), (200, 113.33)])
+def test_storage_bytes_gives_the_papers_numbers(ipc, gib):
+    assert storage_bytes(1000, ipc, 300) / GIB == pytest.approx(gib, rel=0.01)
+    assert storage_bytes(1000, ipc, 300, prune_ratio=0.975) / GIB == pytest.approx(gib / 40, rel=0.01)
+
+
+def test_storage_bytes_formula_parts():
+    logits = 300 * 200_000 * 1000 * 2  # E x N x C x bytes
+    assert storage_bytes(1000, 200, 300, metadata=False) == logits
+    assert storage_bytes(1000, 200, 300, prune_ratio=0.975, metadata=False) == pytest.approx(logits / 40, rel=1e-3)
+    assert storage_bytes(1000, 200, 300, dtype="fp32", metadata=False) == 2 * logits
+    assert storage_bytes(1000, 200, 300, dtype="bf16", metadata=False) == logits
+    assert storage_bytes(1000, 200, 300, topk=10, metadata=False) == 300 * 200_000 * 10 * (2 + 2)
+    meta = storage_bytes(1000, 200, 300) - logits
+    assert 0 < meta < 0.02 * logits  # the replay recipe costs about 1% on top of the logits
+    with pytest.raises(ValueError, match="dtype"):
+        storage_bytes(10, 1, 1, dtype="int8")
+    assert human_bytes(storage_bytes(1000, 200, 300)) == "113.16 GiB"
+
+
+def test_labels_size_command(capsys):
+    assert main(["labels", "size", "--classes", "1000", "--ipc", "200", "--epochs", "300", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bytes"] == out["full_bytes"] == storage_bytes(1000, 200, 300)
+    assert out["gib"] == pytest.approx(113.33, rel=0.01)
+    assert out["reduction"] == 1.0
+    assert (out["classes"], out["ipc"], out["epochs"], out["batch_size"], out["dtype"]) == (1000, 200, 300, 1024,
+                                                                                          "fp16")
+    assert main(["labels", "size", "--classes", "1000", "--ipc", "200", "--epochs", "300", "--prune-ratio",
+                 "0.975", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gib"] == pytest.approx(113.33 / 40, rel=0.01)
+    assert out["reduction"] == pytest.approx(40, rel=0.01)
+    assert main(["labels", "size", "--classes", "1000", "--ipc", "10", "--epochs", "300"]) == 0
+    assert capsys.readouterr().out.startswith("5.66 GiB")
+    assert main(["labels", "size", "--classes", "10", "--ipc", "1", "--epochs", "1", "--prune-ratio", "1"]) == 2
+    assert "prune ratio must be in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", [0.0, 0.5, "fp32"])
+def test_a_real_store_takes_what_storage_bytes_says(stores, setting):
+    """The formula counts the epoch files; ``disk_bytes`` also counts manifest.json (a few KiB, any size)."""
+    store = LabelStore(stores[setting])
+    r, dtype = (setting, "fp16") if setting != "fp32" else (0.0, "fp32")
+    files = sorted(store.path.glob("epoch*.safetensors"))
+    epoch_bytes = sum(f.stat().st_size for f in files)
+    assert store.disk_bytes() == epoch_bytes + (store.path / "manifest.json").stat().st_size
+    want = storage_bytes(10, IPC, EPOCHS, BATCH, r, dtype)
+    assert abs(epoch_bytes - want) <= 0.05 * want
+    kept = round(EPOCHS * 5 * (1 - r))
+    assert len(store.keys()) == kept
+    # without the per-file header estimate, the formula is exact for full batches
+    assert store.kept_bytes(store.keys()) == want - HEADER_BYTES_PER_FILE * min(EPOCHS, kept)
+    for f in files:  # and the header estimate holds for every file
+        t = load_file(f)
+        data = sum(v.numel() * v.element_size() for v in t.values())
+        assert abs(f.stat().st_size - data - HEADER_BYTES_PER_FILE) <= 32
+
+
+def test_select_batches_random_and_order(stores):
+    store = LabelStore(stores[0.0])
+    keys = store.keys()
+    assert len(keys) == 100
+    kept = select_batches(store, 0.6, "random", seed=1)
+    assert len(kept) == len(set(kept)) == 40 and set(kept) <= set(keys) and kept == sorted(kept)
+    assert kept == select_batches(store, 0.6, "random", seed=1)
+    assert kept != select_batches(store, 0.6, "random", seed=2)
+    assert len({e for e, _ in kept}) > 10  # batches from all over, not whole epochs
+    assert select_batches(store, 0.6, "order") == keys[:40]
+    assert select_batches(store, 0.0) == keys
+    assert len(select_batches(store, 0.999)) == 1
+    assert len(select_batches(store, 0.333)) == 67
+
+
+def hand_scores(store):
+    """Per-batch mean entropy and margin of the teacher's softmax, from the raw files in float64."""
+    out = {"entropy": {}, "margin": {}}
+    for e in sorted(store.present):
+        t = load_file(store.epoch_path(e))
+        p = t["logits"].double().softmax(1)
+        entropy = -(p * p.log()).sum(1)
+        top2 = p.topk(2, 1).values
+        margin = top2[:, 0] - top2[:, 1]
+        for i, b in enumerate(t["batch_ids"].tolist()):
+            lo, hi = t["offsets"][i].item(), t["offsets"][i + 1].item()
+            out["entropy"][(e, b)] = entropy[lo:hi].mean().item()
+            out["margin"][(e, b)] = margin[lo:hi].mean().item()
+    return out
+
+
+@pytest.mark.parametrize("metric", ["entropy-high", "entropy-low", "margin-high", "margin-low"])
+def test_select_batches_by_score_keeps_the_extreme_batches(stores, metric):
+    store = LabelStore(stores[0.0])
+    score = hand_scores(store)[metric.split("-")[0]]
+    kept = select_batches(store, 0.7, metric)
+    assert len(kept) == 30
+    dropped = [k for k in store.keys() if k not in kept]
+    sign = 1 if metric.endswith("high") else -1
+    assert min(sign * score[k] for k in kept) >= max(sign * score[k] for k in dropped) - 1e-6
+    other = metric.replace("high", "low") if sign == 1 else metric.replace("low", "high")
+    assert not set(kept) & set(select_batches(store, 0.7, other))
+
+
+def test_select_batches_epoch_granularity_keeps_whole_epochs(stores):
+    store = LabelStore(stores[0.0])
+    kept = select_batches(store, 0.5, "random", "epoch", seed=3)
+    epochs = {e for e, _ in kept}
+    assert len(epochs) == 10
+    assert kept == [k for k in store.keys() if k[0] in epochs]
+    assert kept != select_batches(store, 0.5, "random", "epoch", seed=4)
+    assert select_batches(store, 0.8, "order", "epoch") == [k for k in store.keys() if k[0] < 4]
+    score = hand_scores(store)["entropy"]
+    per_epoch = {e: sum(score[(e, b)] for b in range(5)) / 5 for e in range(EPOCHS)}
+    kept = {e for e, _ in select_batches(store, 0.75, "entropy-high", "epoch")}
+    assert len(kept) == 5
+    assert min(per_epoch[e] for e in kept) >= max(per_epoch[e] for e in per_epoch if e not in kept) - 1e-6
+    with pytest.raises(ValueError, match="granularity"):
+        select_batches(store, 0.5, granularity="image")
+    with pytest.raises(ValueError, match="unknown pruning metric"):
+        select_batches(store, 0.5, "loss-high")
+
+
+@pytest.mark.parametrize("setting", [0.0, 0.5, "fp32"])
+def test_read_returns_one_batch_as_stored(stores, setting):
+    store = LabelStore(stores[setting])
+    assert store.num_classes == 10
+    for e in sorted(store.present):
+        t = load_file(store.epoch_path(e))
+        ids = t["batch_ids"].tolist()
+        assert ids == store.present[e]
+        for i, b in enumerate(ids):
+            lo, hi = t["offsets"][i].item(), t["offsets"][i + 1].item()
+            rec = store.read(e, b)
+            assert (rec.epoch, rec.batch, hi - lo) == (e, b, 10)
+            assert torch.equal(rec.index, t["index"][lo:hi].long())
+            assert torch.equal(rec.boxes, t["boxes"][lo:hi].long())
+            assert torch.equal(rec.flips, t["flips"][lo:hi].bool())
+            assert torch.equal(rec.mix_perm, t["mix_perm"][lo:hi].long())
+            assert torch.equal(rec.mix_box, t["mix_box"][i].long())
+            assert rec.mix_lam == t["mix_lam"][i].item()
+            assert rec.logits.dtype == torch.float32 and torch.equal(rec.logits, t["logits"][lo:hi].float())
+    assert LabelStore(stores["fp32"]).read(0, 0).logits.dtype == torch.float32
+    assert load_file(LabelStore(stores["fp32"]).epoch_path(0))["logits"].dtype == torch.float32
+    assert load_file(LabelStore(stores[0.0]).epoch_path(0))["logits"].dtype == torch.float16
+
+
+def test_pruned_store_lists_only_the_batches_it_holds(stores):
+    store = LabelStore(stores[0.5])
+    assert sum(len(v) for v in store.present.values()) == 50
+    assert sorted(int(f.name[5:10]) for f in store.path.glob("epoch*.safetensors")) == sorted(store.present)
+    full = LabelStore(stores[0.0])
+    for k in store.keys():
+        assert torch.equal(store.read(*k).logits, full.read(*k).logits)
+
+
+def test_not_a_label_store(stores, tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json not found"):
+        LabelStore(tmp_path)
+    future = shutil.copytree(stores[0.0], tmp_path / "future")
+    manifest = read_json(future / "manifest.json")
+    manifest["format_version"] = 99
+    write_json(future / "manifest.json", manifest)
+    with pytest.raises(LabelStoreError, match="format version 99"):
+        LabelStore(future)

@@ -1,0 +1,388 @@
+"""Relabel and student training on the real MNIST-5k teacher: exact replay, determinism, pruning, errors."""
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from dsutil.evaluate import evaluate
+from dsutil.files import load_model, load_tensors, read_json, save_tensors, write_json
+from dsutil.labels import LabelStore, LabelStoreError, check_prune_ratio, select_batches
+from dsutil.recover import RecoverConfig, load_images, load_squeezed, recover, recover_dir
+from dsutil.relabel import RelabelConfig, epoch_records, relabel, replay
+from dsutil.train import StudentConfig, batch_schedule, kd_loss, train_student
+
+IPC = 5  # real images per class: 50 images in all
+STUDENT = dict(width=32, lr=3e-3)  # a small student that learns MNIST-5k from 50 images in ~1 s
+
+
+def copy_squeeze(src, dst):
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("squeeze.json", "teacher.safetensors", "bn_stats.safetensors"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batches: one intra-op thread is as fast, and does not stall when another process holds a core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run(mnist_run, tmp_path_factory):
+    """A copy of the teacher run with IPC real training images picked per class."""
+    run = copy_squeeze(mnist_run, tmp_path_factory.mktemp("relabel") / "run")
+    recover(run, RecoverConfig(method="real", ipc=IPC), device="cpu", progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def images(run):
+    return load_images(recover_dir(run, "real", IPC))[0]
+
+
+@pytest.fixture(scope="module")
+def teacher(run):
+    return load_squeezed(run)[0]
+
+
+@pytest.fixture(scope="module")
+def make_store(run, tmp_path_factory):
+    """Relabel the real images into a fresh folder per setting (cached for the module)."""
+    made, root = {}, tmp_path_factory.mktemp("stores")
+
+    def make(**settings):
+        key = json.dumps(settings, sort_keys=True)
+        if key not in made:
+            out = root / f"store{len(made)}"
+            made[key] = relabel(run, recover_dir(run, "real", IPC), RelabelConfig(**settings), out=out,
+                                device="cpu", progress=False)
+        return made[key]
+
+    return make
+
+
+def records(store_path):
+    store = LabelStore(store_path)
+    return [store.read(*k) for k in store.keys()]
+
+
+def plain_crop(images, rec):
+    """Crop, resize and flip of every image of a record, without mixing; independent of TF.resized_crop."""
+    out = []
+    for i, (top, left, h, w), flip in zip(rec.index.tolist(), rec.boxes.tolist(), rec.flips.tolist()):
+        x = images[i:i + 1, :, top:top + h, left:left + w]
+        x = F.interpolate(x, size=images.shape[-2:], mode="bilinear", align_corners=False, antialias=True)[0]
+        out.append(x.flip(-1) if flip else x)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("mix", ["none", "cutmix", "mixup"])
+def test_replay_gives_back_the_stored_teacher_logits(make_store, images, teacher, mix):
+    path = make_store(epochs=3, batch_size=16, mix=mix)
+    store = LabelStore(path)
+    assert store.keys() == [(e, b) for e in range(3) for b in range(4)]  # 50 images: 16 + 16 + 16 + 2
+    for e in range(3):  # every epoch labels every image once
+        assert sorted(torch.cat([store.read(e, b).index for b in range(4)]).tolist()) == list(range(50))
+    for rec in records(path):
+        assert rec.logits.shape == (len(rec.index), 10)
+        with torch.no_grad():
+            again = teacher(replay(images, rec)).half().float()
+        torch.testing.assert_close(again, rec.logits, rtol=2**-10, atol=1e-3)
+    lams = [r.mix_lam for r in records(path)]
+    if mix == "none":
+        assert all(lam == 1.0 for lam in lams)
+    else:
+        assert all(0 < lam < 1 for lam in lams)
+        assert all(r.mix_box.any() == (mix == "cutmix") for r in records(path))
+
+
+@pytest.mark.parametrize("mix", ["none", "cutmix", "mixup"])
+def test_stored_records_are_the_seeded_draws(make_store, mix):
+    cfg = RelabelConfig(epochs=3, batch_size=16, mix=mix)
+    store = LabelStore(make_store(epochs=3, batch_size=16, mix=mix))
+    for e in range(3):
+        for want in epoch_records(50, (28, 28), cfg, e):
+            got = store.read(e, want.batch)
+            for name in ("index", "boxes", "flips", "mix_perm", "mix_box"):
+                assert torch.equal(getattr(got, name), getattr(want, name).to(getattr(got, name).dtype)), name
+            assert got.mix_lam == pytest.approx(want.mix_lam, rel=1e-6)
+
+
+def test_replay_crops_flips_and_mixes(make_store, images):
+    none = records(make_store(epochs=3, batch_size=16, mix="none"))
+    for rec in none:
+        x = replay(images, rec)
+        torch.testing.assert_close(x, plain_crop(images, rec), rtol=0, atol=1e-4)
+    x = torch.cat([replay(images, r) for r in none])
+    raw = torch.cat([images[r.index] for r in none])
+    changed = (x - raw).flatten(1).abs().amax(1) > 0.1
+    assert changed.float().mean() > 0.9  # random resized crops: hardly any image comes back as it was
+    assert any(r.flips.any() and not r.flips.all() for r in none)
+
+    cutmix = records(make_store(epochs=3, batch_size=16, mix="cutmix"))
+    pasted = 0
+    for rec in cutmix:
+        plain, x = plain_crop(images, rec), replay(images, rec)
+        top, left, h, w = rec.mix_box.tolist()
+        inside = torch.zeros(28, 28, dtype=torch.bool)
+        inside[top:top + h, left:left + w] = True
+        assert 0 < h * w < 28 * 28 and rec.mix_lam == pytest.approx(1 - h * w / 28**2)
+        torch.testing.assert_close(x[..., inside], plain[rec.mix_perm][..., inside], rtol=0, atol=1e-4)
+        torch.testing.assert_close(x[..., ~inside], plain[..., ~inside], rtol=0, atol=1e-4)
+        other = rec.mix_perm != torch.arange(len(rec.index))
+        pasted += int(((plain[other] - plain[rec.mix_perm][other])[..., inside].abs().amax((1, 2)) > 0.1).sum())
+    assert pasted >= 10  # the box really holds another image's pixels
+
+    for rec in records(make_store(epochs=3, batch_size=16, mix="mixup")):
+        plain = plain_crop(images, rec)
+        want = rec.mix_lam * plain + (1 - rec.mix_lam) * plain[rec.mix_perm]
+        torch.testing.assert_close(replay(images, rec), want, rtol=0, atol=1e-4)
+
+
+def test_same_seed_same_store_other_seed_other_store(make_store):
+    a = make_store(epochs=3, batch_size=16, mix="cutmix")
+    b = make_store(epochs=3, batch_size=16, mix="cutmix", seed=0, flip=True)  # the same settings, another folder
+    c = make_store(epochs=3, batch_size=16, mix="cutmix", seed=1)
+    assert a != b
+    ignore = ("seconds",)
+    ma, mb, mc = (read_json(p / "manifest.json") for p in (a, b, c))
+    assert {k: v for k, v in ma.items() if k not in ignore} == {k: v for k, v in mb.items() if k not in ignore}
+    assert mc["settings"]["seed"] == 1 and ma["settings"]["seed"] == 0
+    for e in range(3):
+        ta, tb, tc = (load_file(p / f"epoch{e:05d}.safetensors") for p in (a, b, c))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+        assert not torch.equal(ta["index"], tc["index"])
+        assert not torch.equal(ta["logits"], tc["logits"])
+
+
+def test_pruning_at_relabel_generates_only_the_kept_batches_unchanged(make_store):
+    full = LabelStore(make_store(epochs=10, batch_size=10, mix="cutmix"))
+    pruned = LabelStore(make_store(epochs=10, batch_size=10, mix="cutmix", prune_ratio=0.9))
+    assert len(full.keys()) == 50
+    assert len(pruned.keys()) == 5  # round(0.1 * 50) batches were ever labelled
+    assert set(pruned.keys()) < set(full.keys())
+    files = sorted(p.name for p in pruned.path.glob("epoch*.safetensors"))
+    assert files == [f"epoch{e:05d}.safetensors" for e in sorted(pruned.present)]
+    for k in pruned.keys():
+        got, want = pruned.read(*k), full.read(*k)
+        for name in ("index", "boxes", "flips", "mix_perm", "mix_box", "logits"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert got.mix_lam == want.mix_lam
+    assert pruned.manifest["batches_per_epoch"] == full.manifest["batches_per_epoch"] == 5
+
+
+def test_student_trains_on_stored_labels_and_resumes(run, make_store, mnist, tmp_path):
+    store = make_store(epochs=30, batch_size=10)
+    out = tmp_path / "student"
+    result = train_student(run, store, StudentConfig(**STUDENT), out, device="cpu", progress=False)
+    assert {p.name for p in out.iterdir()} >= {"train.json", "student.safetensors", "checkpoint.pt"}
+    assert read_json(out / "train.json") == json.loads(json.dumps(result))
+    assert result["epochs"] == 30 and result["kept_batches"] == result["stored_batches"] == 150
+    assert result["label_bytes"] == LabelStore(store).kept_bytes(LabelStore(store).keys()) > 0
+    assert 0 <= result["test_top1"] <= result["test_top5"] <= 1
+    assert result["test_top1"] > 0.5  # chance is 0.1
+    model, spec = load_model(out / "student.safetensors")
+    assert spec["width"] == 32
+    assert evaluate(model, mnist, "test")["top1"] == pytest.approx(result["test_top1"], abs=1e-9)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 29
+
+    short = tmp_path / "short"
+    train_student(run, store, StudentConfig(**STUDENT, epochs=2), short, device="cpu", progress=False)
+    assert torch.load(short / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    before = load_file(short / "student.safetensors")
+    again = train_student(run, store, StudentConfig(**STUDENT, epochs=2), short, device="cpu", progress=False)
+    after = load_file(short / "student.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing left to train: nothing trained
+    more = train_student(run, store, StudentConfig(**STUDENT, epochs=4), short, device="cpu", progress=False)
+    assert torch.load(short / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    assert more["epochs"] == 4 and read_json(short / "train.json")["epochs"] == 4
+    assert again["epochs"] == 2
+    assert any(not torch.equal(before[k], v) for k, v in load_file(short / "student.safetensors").items())
+
+
+def test_interrupted_student_resumes_to_the_same_weights(run, make_store, tmp_path):
+    """A store with one bad epoch file stops training part-way, deterministically; once the file is
+    repaired, the rerun resumes from the checkpoint and ends where an uninterrupted run ends."""
+    store = tmp_path / "store"
+    shutil.copytree(make_store(epochs=30, batch_size=10), store)
+    cfg = StudentConfig(**STUDENT, epochs=6, granularity="epoch")  # student epoch e replays relabel epoch e
+    whole = train_student(run, store, cfg, tmp_path / "whole", device="cpu", progress=False)
+
+    bad = store / "epoch00003.safetensors"
+    good = load_file(bad)
+    broken = dict(good, index=good["index"].clone())
+    broken["index"][7] = 10**6  # no such image: replaying this batch fails
+    save_file(broken, str(bad))
+    with pytest.raises(IndexError):
+        train_student(run, store, cfg, tmp_path / "resumed", device="cpu", progress=False)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert not (tmp_path / "resumed" / "train.json").exists()
+
+    save_file(good, str(bad))
+    resumed = train_student(run, store, cfg, tmp_path / "resumed", device="cpu", progress=False)
+    a = load_file(tmp_path / "whole" / "student.safetensors")
+    b = load_file(tmp_path / "resumed" / "student.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert resumed["test_top1"] == pytest.approx(whole["test_top1"], abs=2e-3)
+
+
+def test_online_student_stores_and_reads_no_labels(run, make_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(make_store(epochs=30, batch_size=10), store)
+    for f in store.glob("epoch*.safetensors"):  # online training must not need them
+        f.unlink()
+    result = train_student(run, store, StudentConfig(**STUDENT, online=True), tmp_path / "online", device="cpu",
+                           progress=False)
+    assert result["label_bytes"] == 0
+    assert result["epochs"] == 30
+    assert 0.5 < result["test_top1"] <= 1  # the teacher labelled the crops on the fly
+    assert read_json(tmp_path / "online" / "train.json")["settings"]["online"] is True
+    with pytest.raises(LabelStoreError, match="epoch00000.safetensors"):  # stored training does need them
+        train_student(run, store, StudentConfig(**STUDENT, epochs=1), tmp_path / "stored", device="cpu",
+                      progress=False)
+
+
+def test_batch_schedule_uses_every_kept_batch_before_repeating():
+    kept = [(e, b) for e in range(10) for b in range(4) if (3 * e + b) % 4 != 1]  # 30 of 40
+    sched = batch_schedule(kept, epochs=9, per_epoch=4, granularity="batch", seed=3)
+    assert [len(s) for s in sched] == [4] * 9
+    flat = [k for s in sched for k in s]
+    assert set(flat) <= set(kept)
+    for start in range(0, len(flat), len(kept)):  # each pass over the pool is a permutation of it
+        chunk = flat[start:start + len(kept)]
+        assert len(set(chunk)) == len(chunk)
+    assert sorted(flat[:30]) == sorted(kept)
+    assert sched == batch_schedule(kept, 9, 4, "batch", seed=3)
+    assert sched != batch_schedule(kept, 9, 4, "batch", seed=4)
+    longer = batch_schedule(kept, 12, 4, "batch", seed=3)
+    assert longer[:9] == sched  # more epochs extend the schedule, so a resumed run replays the same batches
+
+
+def test_batch_schedule_epoch_granularity_replays_whole_relabel_epochs():
+    kept = [(1, 0), (1, 1), (1, 2), (4, 0), (4, 3), (7, 1), (7, 2), (7, 3), (7, 4)]
+    sched = batch_schedule(kept, epochs=5, per_epoch=5, granularity="epoch", seed=0)
+    assert len(sched) == 5
+    for s, want in zip(sched, [1, 4, 7, 1, 4]):
+        assert {e for e, _ in s} == {want}
+        assert sorted(s) == [k for k in kept if k[0] == want]
+    assert any(s != sorted(s) for s in sched)  # shuffled inside the epoch
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kd_loss_equals_the_kl_divergence(temperature):
+    gen = torch.Generator().manual_seed(0)
+    student, teacher_logits = torch.randn(7, 10, generator=gen) * 3, torch.randn(7, 10, generator=gen) * 3
+    s, t = student.double() / temperature, teacher_logits.double() / temperature
+    p_t = t.exp() / t.exp().sum(1, keepdim=True)
+    p_s = s.exp() / s.exp().sum(1, keepdim=True)
+    want = sum(float(p_t[i, c] * (p_t[i, c] / p_s[i, c]).log()) for i in range(7) for c in range(10)) / 7
+    assert float(kd_loss(student, teacher_logits, temperature, False)) == pytest.approx(want, rel=1e-5)
+    assert float(kd_loss(student, teacher_logits, temperature, True)) == pytest.approx(want * temperature**2,
+                                                                                       rel=1e-5)
+    assert float(kd_loss(teacher_logits, teacher_logits, temperature, False)) == pytest.approx(0, abs=1e-6)
+
+
+def test_label_store_of_other_images_is_refused(mnist_run, run, tmp_path):
+    other = copy_squeeze(mnist_run, tmp_path / "run")
+    shutil.copytree(recover_dir(run, "real", IPC), recover_dir(other, "real", IPC))
+    cfg = RelabelConfig(epochs=2, batch_size=25)
+    store = relabel(other, recover_dir(other, "real", IPC), cfg, device="cpu", progress=False)
+    relabel(other, recover_dir(other, "real", IPC), cfg, device="cpu", progress=False)  # a rerun: same inputs
+    path = recover_dir(other, "real", IPC) / "images.safetensors"
+    tensors, meta = load_tensors(path)
+    save_tensors(path, {"images": tensors["images"].flip(-1), "labels": tensors["labels"]}, meta)
+    with pytest.raises(LabelStoreError, match="sha256"):
+        LabelStore(store).check_images(path)
+    with pytest.raises(LabelStoreError, match="sha256"):
+        train_student(other, store, StudentConfig(**STUDENT, epochs=1), tmp_path / "s", device="cpu",
+                      progress=False)
+    with pytest.raises(ValueError, match="other images"):  # stale epoch files are not reused for new images
+        relabel(other, recover_dir(other, "real", IPC), cfg, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="other images, teacher or settings"):
+        relabel(run, recover_dir(run, "real", IPC), RelabelConfig(epochs=2, batch_size=25, seed=5), out=store,
+                device="cpu", progress=False)
+
+
+def test_damaged_label_stores_name_the_bad_file(run, make_store, tmp_path):
+    src = make_store(epochs=3, batch_size=16)
+
+    missing = shutil.copytree(src, tmp_path / "missing")
+    (missing / "epoch00001.safetensors").unlink()
+    with pytest.raises(LabelStoreError, match="epoch00001.safetensors is missing"):
+        LabelStore(missing).read(1, 0)
+    with pytest.raises(LabelStoreError, match="epoch00001.safetensors"):
+        train_student(run, missing, StudentConfig(**STUDENT, epochs=1), tmp_path / "s1", device="cpu",
+                      progress=False)
+    assert LabelStore(missing).read(2, 0).logits.shape == (16, 10)  # the other epochs still read
+
+    truncated = shutil.copytree(src, tmp_path / "truncated")
+    f = truncated / "epoch00002.safetensors"
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    with pytest.raises(LabelStoreError, match="epoch00002.safetensors is truncated"):
+        LabelStore(truncated).read(2, 1)
+    with pytest.raises(LabelStoreError, match="epoch00002.safetensors"):
+        LabelStore(truncated).check_files()
+    with pytest.raises(LabelStoreError, match="epoch00002.safetensors"):
+        train_student(run, truncated, StudentConfig(**STUDENT, epochs=1), tmp_path / "s2", device="cpu",
+                      progress=False)
+    with pytest.raises(KeyError, match="batch 9 of epoch 0"):
+        LabelStore(src).read(0, 9)
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that a pickle was executed."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_in_place_of_an_epoch_file_is_refused_unexecuted(run, make_store, tmp_path):
+    store = shutil.copytree(make_store(epochs=3, batch_size=16), tmp_path / "store")
+    marker = tmp_path / "pickle-was-executed"
+    with open(store / "epoch00000.safetensors", "wb") as f:
+        pickle.dump({"logits": _Marker(marker), "offsets": _Marker(marker)}, f)
+    with pytest.raises(LabelStoreError, match="epoch00000.safetensors"):
+        LabelStore(store).read(0, 0)
+    with pytest.raises(LabelStoreError, match="epoch00000.safetensors"):
+        train_student(run, store, StudentConfig(**STUDENT, epochs=1), tmp_path / "s", device="cpu", progress=False)
+    assert not marker.exists()
+    with open(store / "epoch00000.safetensors", "rb") as f:  # the file is a working pickle bomb
+        pickle.load(f)
+    assert marker.exists()
+
+
+def test_label_store_for_another_class_count_is_refused(run, make_store, tmp_path):
+    store = shutil.copytree(make_store(epochs=3, batch_size=16), tmp_path / "store")
+    manifest = read_json(store / "manifest.json")
+    manifest["classes"] = manifest["classes"][:9]
+    write_json(store / "manifest.json", manifest)
+    with pytest.raises(LabelStoreError, match="9 classes, the student's data 10"):
+        train_student(run, store, StudentConfig(**STUDENT, epochs=1), tmp_path / "s", device="cpu", progress=False)
+
+
+def test_prune_ratio_outside_zero_one_is_refused(run, make_store, tmp_path):
+    store = LabelStore(make_store(epochs=3, batch_size=16))
+    for r in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"prune ratio must be in \[0, 1\)"):
+            check_prune_ratio(r)
+        with pytest.raises(ValueError, match="prune ratio"):
+            select_batches(store, r)
+        with pytest.raises(ValueError, match="prune ratio"):
+            RelabelConfig(prune_ratio=r)
+    with pytest.raises(ValueError, match="prune ratio"):
+        train_student(run, store.path, StudentConfig(prune_ratio=1.0, epochs=1), tmp_path / "s", device="cpu",
+                      progress=False)
+    assert check_prune_ratio(0.0) == 0.0 and check_prune_ratio(0.99) == 0.99
