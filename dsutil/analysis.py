@@ -31,13 +31,39 @@ def pairwise_cosines(features: torch.Tensor, labels: torch.Tensor) -> dict[int, 
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """ECE with equal-width confidence bins: sum_b |B|/n * |acc(B) - conf(B)|."""
+    r = reliability(logits, labels, bins)
+    return float((r["count"] / r["count"].sum() * (r["accuracy"] - r["confidence"]).abs()).sum())
+
+
+def vendi_score(features: torch.Tensor) -> float:
+    """Effective number of distinct images: exp of the entropy of the cosine kernel's eigenvalues / n.
+
+    1 when all images are identical, n when they are mutually orthogonal.
+    """
+    z = F.normalize(features.double(), dim=1)
+    eig = torch.linalg.eigvalsh(z @ z.T / len(z)).clamp_min(0)
+    eig = eig[eig > 1e-12]
+    return float(torch.exp(-(eig * eig.log()).sum()))
+
+
+def per_class(metric, features: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
+    """A diversity ``metric(features)`` for each class."""
+    return {c: metric(features[labels == c]) for c in labels.unique().tolist()}
+
+
+def feature_variance(features: torch.Tensor) -> float:
+    """Total variance (trace of the covariance) of L2-normalised features: spread around the class mean."""
+    z = F.normalize(features.double(), dim=1)
+    return float(((z - z.mean(0)) ** 2).sum(1).mean())
+
+
+def reliability(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict[str, torch.Tensor]:
+    """Per confidence bin: mean confidence, accuracy and count (for a reliability diagram)."""
     probs = logits.double().softmax(1)
     conf, pred = probs.max(1)
     correct = (pred == labels).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    ece = torch.zeros((), dtype=torch.float64)
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (conf > lo) & (conf <= hi)
-        if inside.any():
-            ece += inside.double().mean() * (correct[inside].mean() - conf[inside].mean()).abs()
-    return float(ece)
+    idx = torch.clamp(torch.ceil(conf * bins).long() - 1, 0, bins - 1)
+    count = torch.bincount(idx, minlength=bins).double()
+    safe = count.clamp_min(1)
+    return {"confidence": torch.bincount(idx, conf, bins) / safe, "accuracy": torch.bincount(idx, correct, bins) / safe,
+            "count": count, "edges": torch.linspace(0, 1, bins + 1, dtype=torch.float64)}
