@@ -386,3 +386,18 @@ def test_prune_ratio_outside_zero_one_is_refused(run, make_store, tmp_path):
         train_student(run, store.path, StudentConfig(prune_ratio=1.0, epochs=1), tmp_path / "s", device="cpu",
                       progress=False)
     assert check_prune_ratio(0.0) == 0.0 and check_prune_ratio(0.99) == 0.99
+
+
+def test_a_copied_run_trains_students_from_its_own_images(run, make_store, tmp_path):
+    """A store records its images' path as given; a run copied elsewhere (or a relative path read from another
+    working directory) finds the images in its own recover/ folder."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    store = copy / "labels" / "store"
+    shutil.copytree(make_store(epochs=3, batch_size=10), store)
+    manifest = read_json(store / "manifest.json")
+    manifest["images"] = f"elsewhere/recover/real-ipc{IPC}/images.safetensors"  # not there from this directory
+    write_json(store / "manifest.json", manifest)
+    result = train_student(copy, store, StudentConfig(**STUDENT, epochs=1), tmp_path / "s", device="cpu",
+                           progress=False)
+    assert result["epochs"] == 1
