@@ -107,6 +107,14 @@ def replay(images: torch.Tensor, rec: BatchRecord) -> torch.Tensor:
     return x
 
 
+def _relative_to(path: Path, run_dir) -> str:
+    """``path`` relative to the run when inside it, so a copied or moved run stays whole."""
+    try:
+        return str(path.resolve().relative_to(Path(run_dir).resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
 def store_dir(run_dir, images_dir, cfg: RelabelConfig) -> Path:
     name = f"{Path(images_dir).name}-e{cfg.epochs}-b{cfg.batch_size}-{cfg.mix}"
     if cfg.prune_ratio:
@@ -156,7 +164,7 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
     present = {e: b for e, b in present.items() if b}
     manifest = {"format_version": FORMAT_VERSION, "classes": meta["classes"], "teacher": spec,
                 "teacher_sha256": teacher_sha256,
-                "images": str(Path(images_dir) / "images.safetensors"),
+                "images": _relative_to(Path(images_dir) / "images.safetensors", run_dir),
                 "images_sha256": images_sha256,
                 "num_images": n, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                 "batches_per_epoch": per_epoch, "dtype": cfg.dtype,

@@ -102,7 +102,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     out_dir = Path(out_dir)
     store = LabelStore(store_path)
     manifest = store.manifest
-    images_path = Path(manifest["images"])
+    images_path = Path(run_dir) / manifest["images"]  # relative to the run, unless recorded absolute
     store.check_images(images_path)
     images, _, _ = load_images(images_path.parent)
     teacher, spec, _, info = load_squeezed(run_dir, dev)
@@ -143,28 +143,33 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
         a = manifest["settings"]
         online_cfg = RelabelConfig(**{k: a[k] for k in ("batch_size", "crop_scale", "flip", "mix", "mix_alpha")},
                                    epochs=epochs, seed=cfg.seed + 1)
-    bar = tqdm(range(start_epoch, epochs), desc="student", disable=not progress)
-    for epoch in bar:
-        student.train()
-        if cfg.online:
-            batches = ((replay(images, r), None) for r in epoch_records(len(images), (h, h), online_cfg, epoch))
-        else:
-            batches = DataLoader(StoredBatches(store.path, images, schedule[epoch]), batch_size=None,
-                                 num_workers=cfg.workers, persistent_workers=False)
-        for x, target in batches:
-            x = x.to(dev)
-            if target is None:
-                with torch.no_grad():
-                    target = teacher(x).float()
-            loss = kd_loss(student(x), target.to(dev), cfg.temperature, cfg.kl_times_t2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        with atomic_path(ckpt) as tmp:
-            torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "epoch": epoch}, tmp)
+    if cfg.online:
+        batches = ((replay(images, r), None) for e in range(start_epoch, epochs)
+                   for r in epoch_records(len(images), (h, h), online_cfg, e))
+    else:  # one loader over every remaining step, so worker processes start once
+        batches = DataLoader(StoredBatches(store.path, images, [k for s in schedule[start_epoch:] for k in s]),
+                             batch_size=None, num_workers=cfg.workers)
+    epoch_of_step = [e for e in range(start_epoch, epochs) for _ in schedule[e]]
+    bar = tqdm(total=len(epoch_of_step), desc="student", disable=not progress)
+    student.train()
+    for step, (x, target) in enumerate(batches):
+        x = x.to(dev)
+        if target is None:
+            with torch.no_grad():
+                target = teacher(x).float()
+        loss = kd_loss(student(x), target.to(dev), cfg.temperature, cfg.kl_times_t2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.update()
+        epoch = epoch_of_step[step]
+        if step + 1 == len(epoch_of_step) or epoch_of_step[step + 1] != epoch:  # end of a student epoch
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+            with atomic_path(ckpt) as tmp:
+                torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "epoch": epoch}, tmp)
+    bar.close()
     metrics = evaluate(student, data, "test", dev)
     n_kept = len(kept)
     label_bytes = 0 if cfg.online else store.kept_bytes(kept)

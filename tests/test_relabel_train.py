@@ -389,15 +389,15 @@ def test_prune_ratio_outside_zero_one_is_refused(run, make_store, tmp_path):
 
 
 def test_a_copied_run_trains_students_from_its_own_images(run, make_store, tmp_path):
-    """A store records its images' path as given; a run copied elsewhere (or a relative path read from another
-    working directory) finds the images in its own recover/ folder."""
+    """A store records its images relative to the run, so a copied run uses its own copy of them."""
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     store = copy / "labels" / "store"
     shutil.copytree(make_store(epochs=3, batch_size=10), store)
-    manifest = read_json(store / "manifest.json")
-    manifest["images"] = f"elsewhere/recover/real-ipc{IPC}/images.safetensors"  # not there from this directory
-    write_json(store / "manifest.json", manifest)
+    assert read_json(store / "manifest.json")["images"] == f"recover/real-ipc{IPC}/images.safetensors"
     result = train_student(copy, store, StudentConfig(**STUDENT, epochs=1), tmp_path / "s", device="cpu",
                            progress=False)
     assert result["epochs"] == 1
+    (copy / "recover" / f"real-ipc{IPC}" / "images.safetensors").unlink()  # the copy's images, not the original's
+    with pytest.raises(FileNotFoundError, match=str(copy)):
+        train_student(copy, store, StudentConfig(**STUDENT, epochs=1), tmp_path / "s2", device="cpu", progress=False)
