@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .files import read_json, write_json
+from .files import read_json
 
 FORMAT_VERSION = 1
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -1,4 +1,6 @@
 """Shared fixtures: the real MNIST-5k data and one real teacher run, built once per session."""
+import shutil
+
 import pytest
 import torch
 
@@ -20,3 +22,23 @@ def mnist_run(tmp_path_factory, mnist):
     run = tmp_path_factory.mktemp("run")
     squeeze(mnist, run, TeacherConfig(), device="cpu", progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def copy_squeeze(mnist_run):
+    """A function that copies the teacher run's squeeze outputs into a fresh run folder."""
+    def copy(dst):
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("squeeze.json", "teacher.safetensors", "bn_stats.safetensors"):
+            shutil.copy(mnist_run / name, dst / name)
+        return dst
+    return copy
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny batches: one intra-op thread is as fast, and does not stall when another process holds a core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,25 +17,12 @@ GIB = 2**30
 IPC, EPOCHS, BATCH = 5, 20, 10  # 50 real images in 5 full batches per epoch: 100 batches in all
 
 
-def copy_squeeze(src, dst):
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("squeeze.json", "teacher.safetensors", "bn_stats.safetensors"):
-        shutil.copy(src / name, dst / name)
-    return dst
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches: one intra-op thread is as fast, and does not stall when another process holds a core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run(mnist_run, tmp_path_factory):
-    run = copy_squeeze(mnist_run, tmp_path_factory.mktemp("labels") / "run")
+def run(copy_squeeze, tmp_path_factory):
+    run = copy_squeeze(tmp_path_factory.mktemp("labels") / "run")
     recover(run, RecoverConfig(method="real", ipc=IPC), device="cpu", progress=False)
     return run
 

@@ -19,26 +19,13 @@ IPC = 5  # real images per class: 50 images in all
 STUDENT = dict(width=32, lr=3e-3)  # a small student that learns MNIST-5k from 50 images in ~1 s
 
 
-def copy_squeeze(src, dst):
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("squeeze.json", "teacher.safetensors", "bn_stats.safetensors"):
-        shutil.copy(src / name, dst / name)
-    return dst
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches: one intra-op thread is as fast, and does not stall when another process holds a core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run(mnist_run, tmp_path_factory):
+def run(copy_squeeze, tmp_path_factory):
     """A copy of the teacher run with IPC real training images picked per class."""
-    run = copy_squeeze(mnist_run, tmp_path_factory.mktemp("relabel") / "run")
+    run = copy_squeeze(tmp_path_factory.mktemp("relabel") / "run")
     recover(run, RecoverConfig(method="real", ipc=IPC), device="cpu", progress=False)
     return run
 
@@ -292,8 +279,8 @@ def test_kd_loss_equals_the_kl_divergence(temperature):
     assert float(kd_loss(teacher_logits, teacher_logits, temperature, False)) == pytest.approx(0, abs=1e-6)
 
 
-def test_label_store_of_other_images_is_refused(mnist_run, run, tmp_path):
-    other = copy_squeeze(mnist_run, tmp_path / "run")
+def test_label_store_of_other_images_is_refused(copy_squeeze, run, tmp_path):
+    other = copy_squeeze(tmp_path / "run")
     shutil.copytree(recover_dir(run, "real", IPC), recover_dir(other, "real", IPC))
     cfg = RelabelConfig(epochs=2, batch_size=25)
     store = relabel(other, recover_dir(other, "real", IPC), cfg, device="cpu", progress=False)
