@@ -67,3 +67,22 @@ def reliability(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> d
     safe = count.clamp_min(1)
     return {"confidence": torch.bincount(idx, conf, bins) / safe, "accuracy": torch.bincount(idx, correct, bins) / safe,
             "count": count, "edges": torch.linspace(0, 1, bins + 1, dtype=torch.float64)}
+
+
+def bn_class_gaps(stats) -> dict[str, torch.Tensor]:
+    """How far each class's BN input statistics lie from the global ones, per BN layer.
+
+    ``stats`` is a :class:`dsutil.squeeze.BNStats`. Returns ``mean_gap`` (layers x classes: root mean
+    square over channels of (mu_c - mu) / sigma, sigma the global standard deviation), ``var_ratio``
+    (layers x classes: mean over channels of var_c / var) and ``between_fraction`` (layers: the share
+    of the global variance that the class means explain, sum_c n_c (mu_c - mu)^2 / (n var), averaged
+    over channels; the rest is within-class variance, by the law of total variance).
+    """
+    n_c = stats.class_count.double()
+    gaps, ratios, between = [], [], []
+    for mu_c, var_c, mu, var in zip(stats.class_mean, stats.class_var, stats.global_mean, stats.global_var):
+        mu_c, var_c, mu, var = mu_c.double(), var_c.double(), mu.double(), var.double().clamp_min(1e-12)
+        gaps.append((((mu_c - mu) ** 2) / var).mean(1).sqrt())
+        ratios.append((var_c / var).mean(1))
+        between.append(((n_c[:, None] * (mu_c - mu) ** 2).sum(0) / (n_c.sum() * var)).mean())
+    return {"mean_gap": torch.stack(gaps), "var_ratio": torch.stack(ratios), "between_fraction": torch.stack(between)}

@@ -40,6 +40,11 @@ def write_json(path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def json_ready(obj):
+    """Round-trip through JSON so tuples and lists compare equal."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 

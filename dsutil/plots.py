@@ -105,3 +105,219 @@ def demo_figures(out, summary: dict, data) -> list[Path]:
                                      f"{METHOD_NAMES.get(name, name)}, IPC {m['ipc']}"),
                           fig_dir / f"images_{name}.png"))
     return paths
+
+
+def _name(n: str) -> str:
+    return METHOD_NAMES.get(n, n)
+
+
+def _show(ax, img: torch.Tensor) -> None:
+    im = img.permute(1, 2, 0).numpy()
+    ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray" if im.shape[-1] == 1 else None, vmin=0, vmax=1)
+    ax.set_xticks([]), ax.set_yticks([])
+
+
+def compare_grid(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: list[str], shown: list[int],
+                 per_class: int = 5, title: str = ""):
+    """Image sets side by side: one block of columns per set ({name: (images in [0, 1], labels)}), one row per class."""
+    theme()
+    fig = plt.figure(figsize=(len(sets) * per_class * 0.75 + 0.5, len(shown) * 0.8 + 0.8))
+    subs = fig.subfigures(1, len(sets), wspace=0.02)
+    for sub, (name, (x, y)) in zip(subs if len(sets) > 1 else [subs], sets.items()):
+        axes = sub.subplots(len(shown), per_class, squeeze=False)
+        for r, c in enumerate(shown):
+            imgs = x[y == c][:per_class]
+            for k in range(per_class):
+                ax = axes[r][k]
+                ax.axis("off") if k >= len(imgs) else _show(ax, imgs[k])
+                if k == 0:
+                    ax.set_ylabel(f"class {classes[c]}", fontsize=8)
+        sub.suptitle(_name(name), color=METHOD_COLORS.get(name, "k"), fontsize=11)
+    if title:
+        fig.suptitle(title, y=1.06)
+    return fig
+
+
+def ablation_grid(values: dict[str, float], title: str, label: str = "within-class cosine similarity"):
+    """The paper's 2 x 2 ablation: grouping (rows) x BN targets (columns), one value per recover method."""
+    from .recover import METHODS
+
+    theme()
+    rows, cols = ["cross-class", "class"], ["global", "class"]
+    grid = torch.full((2, 2), float("nan"))
+    names = {}
+    for method, v in values.items():
+        g, t = METHODS[method]
+        grid[rows.index(g), cols.index(t)] = v
+        names[(rows.index(g), cols.index(t))] = _name(method)
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    sns.heatmap(grid.numpy(), ax=ax, cmap="rocket_r", annot=False, cbar_kws={"label": label},
+                xticklabels=["global\nBN statistics", "class-wise\nBN statistics"],
+                yticklabels=["one image per class\n(cross-class batch)", "IPC images of one class\n(class batch)"])
+    for (r, c), n in names.items():
+        ax.text(c + 0.5, r + 0.5, f"{grid[r, c]:.3f}\n{n}", ha="center", va="center", fontsize=9,
+                color="white" if grid[r, c] > float(grid.nanmean()) else "black")
+    ax.set_xlabel("BN targets")
+    ax.set_ylabel("recover batch (grouping)")
+    ax.set_title(title)
+    return fig
+
+
+def pairwise_distribution(cosines: dict[str, dict[int, torch.Tensor]], classes: list[str], title: str):
+    """Distribution of within-class pairwise cosines: pooled per method (violins) and per class (boxes)."""
+    import pandas as pd
+
+    theme()
+    rows = [{"method": _name(m), "class": classes[c], "cosine": float(v)}
+            for m, per in cosines.items() for c, vals in per.items() for v in vals]
+    df = pd.DataFrame(rows)
+    palette = {_name(m): METHOD_COLORS.get(m, "C0") for m in cosines}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [1, 2.6]})
+    sns.violinplot(df, x="method", y="cosine", hue="method", palette=palette, ax=a, cut=0, inner="quartile",
+                   density_norm="width", legend=False)
+    a.set_xlabel("")
+    a.set_ylabel("cosine similarity of a pair of\nimages of one class (teacher features)")
+    a.set_title("all classes pooled")
+    a.set_xticks(a.get_xticks(), a.get_xticklabels(), rotation=30, ha="right")
+    sns.boxplot(df, x="class", y="cosine", hue="method", palette=palette, ax=b, fliersize=1, linewidth=0.8)
+    b.set_xlabel("class")
+    b.set_ylabel("pairwise cosine similarity")
+    b.set_title("per class")
+    b.legend(title="", fontsize=8, ncol=len(cosines), loc="lower left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def feature_panels(points: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: list[str], title: str,
+                   background: tuple[torch.Tensor, torch.Tensor] | None = None, axis_labels=("PC 1", "PC 2")):
+    """2-D projections, one panel per method ({name: (N x 2 points, labels)}), coloured by class;
+    ``background`` (e.g. real training images in the same projection) is drawn faintly behind."""
+    theme()
+    n = len(points)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows + 0.3), sharex=True, sharey=True,
+                             squeeze=False)
+    colors = sns.color_palette("tab10", len(classes))
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (name, (xy, y)) in zip(axes.flat, points.items()):
+        if background is not None:
+            bxy, by = background
+            ax.scatter(bxy[:, 0], bxy[:, 1], s=2, alpha=0.08, c=[colors[int(c)] for c in by], rasterized=True)
+        ax.scatter(xy[:, 0], xy[:, 1], s=22, c=[colors[int(c)] for c in y], edgecolors="k", linewidths=0.4)
+        ax.set_title(_name(name), color=METHOD_COLORS.get(name, "k"))
+        ax.set_xlabel(axis_labels[0])
+        ax.xaxis.set_tick_params(labelbottom=True)
+    for row in axes:
+        row[0].set_ylabel(axis_labels[1])
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colors[c], label=classes[c]) for c in range(len(classes))]
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.legend(handles=handles, title="class", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    return fig
+
+
+def per_class_bars(values: dict[str, dict[int, float]], ylabel: str, title: str, ax=None):
+    """Mean over classes per method as a bar, with each class's value as a dot."""
+    theme()
+    fig, ax = (plt.subplots(figsize=(5, 3.6)) if ax is None else (ax.figure, ax))
+    names = list(values)
+    for i, m in enumerate(names):
+        v = torch.tensor(list(values[m].values()), dtype=torch.float64)
+        ax.bar(i, float(v.mean()), color=METHOD_COLORS.get(m, f"C{i}"), alpha=0.8)
+        ax.scatter(i + torch.linspace(-0.25, 0.25, len(v)), v, s=10, color="k", zorder=3)
+    ax.set_xticks(range(len(names)), [_name(n) for n in names], rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig
+
+
+def grouped_bars(table: dict[str, dict[str, float]], ylabel: str, title: str, xlabel: str = "", log: bool = False,
+                 ylim=None, ax=None, annotate: str | None = None, colors: dict[str, str] | None = None):
+    """Bars for ``table[group][series]``: groups along x, one coloured bar per series; ``annotate`` is a
+    format string (e.g. ``"{:.1f}"``) to print each value on its bar."""
+    theme()
+    fig, ax = (plt.subplots(figsize=(max(5, 1.2 * len(table) + 2), 3.8)) if ax is None else (ax.figure, ax))
+    groups = list(table)
+    series = list(dict.fromkeys(s for g in groups for s in table[g]))
+    width = 0.8 / len(series)
+    for k, s in enumerate(series):
+        xs = [i - 0.4 + width * (k + 0.5) for i, g in enumerate(groups) if s in table[g]]
+        vs = [table[g][s] for g in groups if s in table[g]]
+        bars = ax.bar(xs, vs, width, label=s, color=(colors or {}).get(s, f"C{k}"))
+        if annotate:
+            ax.bar_label(bars, [annotate.format(v) for v in vs], fontsize=7, padding=1)
+    ax.set_xticks(range(len(groups)), groups)
+    if log:
+        ax.set_yscale("log")
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def line_plot(x, series: dict[str, list[float]], xlabel: str, ylabel: str, title: str, logx: bool = False,
+              logy: bool = False, styles: dict[str, str] | None = None, ax=None):
+    """One line per series over shared x values."""
+    theme()
+    fig, ax = (plt.subplots(figsize=(5.8, 4)) if ax is None else (ax.figure, ax))
+    for k, (name, ys) in enumerate(series.items()):
+        ax.plot(x, ys, (styles or {}).get(name, "o-"), label=name, color=f"C{k}")
+    ax.set_xscale("log" if logx else "linear")
+    ax.set_yscale("log" if logy else "linear")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def reliability_diagram(curves: dict[str, dict[str, torch.Tensor]], title: str, ece: dict[str, float] | None = None):
+    """Accuracy against confidence per bin (from ``analysis.reliability``) for several models, with the
+    share of test images per bin below; the diagonal is perfect calibration."""
+    theme()
+    fig, (a, b) = plt.subplots(2, 1, figsize=(5.5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    a.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
+    for k, (name, r) in enumerate(curves.items()):
+        keep = r["count"] > 0
+        mid = (r["edges"][:-1] + r["edges"][1:]) / 2
+        label = name if ece is None else f"{name} (ECE {ece[name] * 100:.1f}%)"
+        a.plot(r["confidence"][keep], r["accuracy"][keep], "o-", ms=4, color=f"C{k}", label=label)
+        b.plot(mid[keep], (r["count"] / r["count"].sum())[keep], "o-", ms=3, color=f"C{k}")
+    a.set_ylabel("accuracy in bin")
+    a.set_title(title)
+    a.legend(fontsize=8)
+    b.set_yscale("log")
+    b.set_xlabel("confidence (max softmax probability)")
+    b.set_ylabel("share of\ntest images")
+    b.set_xlim(0, 1.01)
+    return fig
+
+
+def bn_gap_figure(gaps: dict[str, torch.Tensor], layers: list[str], classes: list[str], title: str):
+    """``analysis.bn_class_gaps``: class-to-global mean distance per layer and class, and the split of each
+    layer's global variance into between-class and within-class parts."""
+    theme()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1.6, 1]})
+    sns.heatmap(gaps["mean_gap"].numpy(), ax=a, annot=True, fmt=".2f", cmap="mako_r", annot_kws={"fontsize": 7},
+                xticklabels=classes, yticklabels=layers,
+                cbar_kws={"label": "|class mean - global mean|\n/ global std (RMS over channels)"})
+    a.set_xlabel("class")
+    a.set_ylabel("BN layer")
+    a.set_title("how far each class's BN means are from the global mean")
+    f = gaps["between_fraction"].numpy() * 100
+    bars = b.bar(range(len(layers)), f, color="C3")
+    b.bar_label(bars, [f"{v:.1f}%" for v in f], fontsize=8, padding=2)
+    b.set_xticks(range(len(layers)), layers)
+    b.set_ylim(0, max(f) * 1.25)
+    b.set_ylabel("between-class share of the\nglobal variance (%)")
+    b.set_xlabel("BN layer")
+    b.set_title("variance explained by the class means\n(mean over channels; the rest is within-class)", fontsize=10)
+    fig.suptitle(title, y=1.06)
+    fig.tight_layout()
+    return fig

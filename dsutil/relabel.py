@@ -18,9 +18,9 @@ import torchvision.transforms.v2.functional as TF
 from tqdm.auto import tqdm
 
 from .augment import rrc_boxes
-from .files import read_json, write_json
+from .files import json_ready, read_json, write_json
 from .labels import DTYPES, FORMAT_VERSION, BatchRecord, check_prune_ratio, file_sha256, write_epoch
-from .recover import json_ready, load_images, load_squeezed
+from .recover import load_images, load_squeezed
 from .runtime import derive_seed, resolve_device
 
 MIXES = ("none", "cutmix", "mixup")

@@ -19,7 +19,7 @@ import torch
 from .analysis import within_class_cosine
 from .config import ExperimentConfig
 from .data import load_dataset
-from .files import read_json, write_json
+from .files import json_ready, read_json, write_json
 from .labels import LabelStore
 from .models import penultimate_features
 from .recover import load_images, load_squeezed, recover, recover_dir
@@ -67,32 +67,23 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
     data = load_dataset(cfg.data.dataset, cfg.data.root, num_classes=cfg.data.num_classes,
                         per_class=cfg.data.per_class, image_size=cfg.data.image_size, seed=cfg.data.seed)
 
-    h_squeeze = stages("squeeze", out / "squeeze.stage.json",
-                       {"data": asdict(cfg.data), "teacher": asdict(cfg.teacher), "checkpoint": cfg.teacher_checkpoint},
-                       [], lambda: squeeze(data, out, cfg.teacher, cfg.device, progress, cfg.teacher_checkpoint))
+    stages("squeeze", out / "squeeze.stage.json",
+           {"data": asdict(cfg.data), "teacher": asdict(cfg.teacher), "checkpoint": cfg.teacher_checkpoint},
+           [], lambda: squeeze(data, out, cfg.teacher, cfg.device, progress, cfg.teacher_checkpoint))
     teacher, spec, _, info = load_squeezed(out)
     methods: dict[str, dict] = {}
     for method in cfg.methods:
         rcfg = cfg.recover_config(method)
-        if method == "real":
-            rcfg = replace(rcfg, iterations=0)  # irrelevant to picking real images; keep the hash stable
-        rdir = recover_dir(out, method, rcfg.ipc)
-        h_rec = stages(f"recover {method}", rdir / "stage.json", asdict(rcfg), [h_squeeze],
-                       lambda: recover(out, rcfg, device=cfg.device, progress=progress), clear=rdir)
-        store = out / "labels" / f"{method}-ipc{rcfg.ipc}"
-        h_lab = stages(f"relabel {method}", store / "stage.json", asdict(cfg.relabel), [h_rec],
-                       lambda: relabel(out, rdir, cfg.relabel, out=store, device=cfg.device, progress=progress),
-                       clear=store)
+        rdir = ensure_recover(out, rcfg, cfg.device, progress, stages)
+        store = label_store_dir(out, method, rcfg.ipc)
+        stages(f"relabel {method}", store / "stage.json", asdict(cfg.relabel), [stage_hash(rdir)],
+               lambda: relabel(out, rdir, cfg.relabel, out=store, device=cfg.device, progress=progress), clear=store)
         images, labels, _ = load_images(rdir)
         students = []
         for metric in cfg.prune_metrics:
             for ratio in cfg.prune_ratios:
-                scfg = replace(cfg.student, prune_ratio=ratio, metric=metric)
-                sdir = out / "students" / f"{method}-ipc{rcfg.ipc}-{metric}-r{ratio:g}"
-                stages(f"student {method} {metric} r={ratio:g}", sdir / "stage.json", asdict(scfg), [h_lab],
-                       lambda: train_student(out, store, scfg, sdir, cfg.device, progress=False, data=data),
-                       clear=sdir)
-                res = read_json(sdir / "train.json")
+                res = ensure_student(out, method, replace(cfg.student, prune_ratio=ratio, metric=metric), rcfg.ipc,
+                                     cfg.device, data, progress, stages)
                 students.append({"prune_ratio": ratio, "metric": metric, "label_bytes": res["label_bytes"],
                                  "test_top1": res["test_top1"], "test_top5": res["test_top5"],
                                  "test_ece": res["test_ece"]})
@@ -127,3 +118,57 @@ def summary_table(summary: dict) -> str:
     full = next(iter(summary["methods"].values()))["label_bytes_full"]
     lines.append(f"student test top-1 by label pruning ratio r (labels kept: 1 - r of {full} bytes)")
     return "\n".join(lines)
+
+
+def ensure_run(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
+    """The run's summary: ``summary.json`` when it was written for these settings, else ``run_experiment``
+    (which itself reuses every finished stage). For notebooks that only read a run."""
+    path = Path(out) / "summary.json"
+    if path.exists() and (Path(out) / "squeeze.stage.json").exists():
+        summary = read_json(path)
+        if json_ready(summary.get("settings")) == json_ready(cfg.to_dict()):
+            return summary
+    return run_experiment(cfg, out, progress)
+
+
+def stage_hash(folder) -> str:
+    """The settings hash a finished stage recorded in ``folder/stage.json``."""
+    marker = Path(folder) / "stage.json"
+    if not marker.exists():
+        raise FileNotFoundError(f"{marker} not found: that stage has not finished; run the experiment first")
+    return read_json(marker)["hash"]
+
+
+def label_store_dir(run_dir, method: str, ipc: int) -> Path:
+    return Path(run_dir) / "labels" / f"{method}-ipc{ipc}"
+
+
+def ensure_recover(run_dir, rcfg, device: str = "auto", progress: bool = True, stages: Stages | None = None) -> Path:
+    """Recover ``rcfg.method`` into the run unless done with these settings; returns its folder.
+
+    Notebooks use it for extra methods (the ablations), which are then cached like the preset's."""
+    run_dir, stages = Path(run_dir), stages or Stages(progress)
+    if rcfg.method == "real":
+        rcfg = replace(rcfg, iterations=0)  # irrelevant to picking real images; keep the hash stable
+    rdir = recover_dir(run_dir, rcfg.method, rcfg.ipc)
+    stages(f"recover {rcfg.method}", rdir / "stage.json", asdict(rcfg), [read_json(run_dir / "squeeze.stage.json")["hash"]],
+           lambda: recover(run_dir, rcfg, device=device, progress=progress), clear=rdir)
+    return rdir
+
+
+def student_name(method: str, ipc: int, scfg) -> str:
+    """Folder name of a student under ``students/``."""
+    suffix = ("" if scfg.granularity == "batch" else f"-{scfg.granularity}") + (f"-s{scfg.seed}" if scfg.seed else "")
+    return f"{method}-ipc{ipc}-{scfg.metric}-r{scfg.prune_ratio:g}{suffix}"
+
+
+def ensure_student(run_dir, method: str, scfg, ipc: int, device: str = "auto", data=None, progress: bool = True,
+                   stages: Stages | None = None) -> dict:
+    """``train.json`` (plus ``dir``) of a student on the run's label store of ``method``: reused when it was
+    trained with these settings on the current labels, else trained now."""
+    run_dir, stages = Path(run_dir), stages or Stages(progress)
+    store = label_store_dir(run_dir, method, ipc)
+    sdir = run_dir / "students" / student_name(method, ipc, scfg)
+    stages(f"student {sdir.name}", sdir / "stage.json", asdict(scfg), [stage_hash(store)],
+           lambda: train_student(run_dir, store, scfg, sdir, device, progress=False, data=data), clear=sdir)
+    return read_json(sdir / "train.json") | {"dir": str(sdir)}

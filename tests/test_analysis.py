@@ -36,3 +36,33 @@ def test_feature_variance_equals_mean_squared_distance_to_the_centroid():
     mu = sum(z) / len(z)
     ref = sum(float(((v - mu) ** 2).sum()) for v in z) / len(z)
     assert feature_variance(x) == pytest.approx(ref, rel=1e-10)
+
+
+def test_bn_class_gaps_equal_loops_over_raw_activations():
+    from dsutil.analysis import bn_class_gaps
+    from dsutil.squeeze import BNStats
+
+    torch.manual_seed(2)
+    counts, shapes = [7, 4, 9], [3, 5]  # images per class; channels per layer
+    acts = [[torch.randn(n, ch, 2, 2) * (c + 1) + c for c, n in enumerate(counts)] for ch in shapes]
+    cm, cv, gm, gv = [], [], [], []
+    for layer in acts:  # per-channel statistics pooled over images and positions, by plain formulas
+        per_class = [a.double().transpose(0, 1).flatten(1) for a in layer]  # channels x values
+        everything = torch.cat(per_class, 1)
+        cm.append(torch.stack([v.mean(1) for v in per_class]))
+        cv.append(torch.stack([v.var(1, unbiased=False) for v in per_class]))
+        gm.append(everything.mean(1))
+        gv.append(everything.var(1, unbiased=False))
+    stats = BNStats(["a", "b"], ["0", "1", "2"], torch.tensor(counts, dtype=torch.float64), cm, cv, gm, gv)
+    got = bn_class_gaps(stats)
+    for layer in range(2):
+        for c in range(3):
+            gap = math.sqrt(sum(float((cm[layer][c, k] - gm[layer][k]) ** 2 / gv[layer][k])
+                                for k in range(shapes[layer])) / shapes[layer])
+            ratio = sum(float(cv[layer][c, k] / gv[layer][k]) for k in range(shapes[layer])) / shapes[layer]
+            assert float(got["mean_gap"][layer, c]) == pytest.approx(gap, rel=1e-10)
+            assert float(got["var_ratio"][layer, c]) == pytest.approx(ratio, rel=1e-10)
+        # law of total variance: within-class share + between-class share = 1, channel by channel
+        within = sum(sum(counts[c] * float(cv[layer][c, k]) for c in range(3)) / sum(counts) / float(gv[layer][k])
+                     for k in range(shapes[layer])) / shapes[layer]
+        assert float(got["between_fraction"][layer]) == pytest.approx(1 - within, rel=1e-9)

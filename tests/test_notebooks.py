@@ -1,0 +1,74 @@
+"""Every notebook runs top to bottom in quick mode, saves its figures, and is committed without outputs.
+
+The session's quick demo run (``dsutil demo --quick``, the same settings as ``load_config("mnist5k", quick=True)``)
+is copied once for the module and shared by the notebooks through ``DSUTIL_RUN``; each notebook then adds only
+its own small extra work.
+"""
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+    names = [p.name for p in NOTEBOOKS]
+    assert names == ["01_quickstart.ipynb", "02_within_class_similarity.ipynb", "03_label_pruning.ipynb",
+                     "04_label_storage.ipynb", "05_teaching.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_has_no_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name} is saved with outputs"
+    assert nb.cells[1].source.startswith("import os\nQUICK = os.environ.get(\"DSUTIL_QUICK\"")
+
+
+@pytest.fixture(scope="module")
+def quick_env(tmp_path_factory, quick_demo):
+    """A copy of the session's quick demo run (notebooks add to it) and the environment the kernels inherit."""
+    tmp = tmp_path_factory.mktemp("notebooks")
+    shutil.copytree(quick_demo, tmp / "run")
+    env = {"DSUTIL_QUICK": "1", "DSUTIL_RUN": str(tmp / "run"), "DSUTIL_FIGURES": str(tmp / "figures")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield tmp
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_the_kernel_is_this_python():
+    """``python3`` resolves to the kernel spec of this environment, so notebooks import this dsutil."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    exe = spec.argv[0]
+    # jupyter_client starts a spec whose argv[0] is "python" with sys.executable itself
+    assert exe in ("python", "python3") or os.path.abspath(exe) == os.path.abspath(sys.executable)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_quick_mode(path, quick_env):
+    nb = nbformat.read(path, as_version=4)
+    # first, record which interpreter the kernel is: it must be this environment's
+    nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
+    before = {p: p.stat().st_mtime_ns for p in (quick_env / "figures").glob("*.png")}
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+    client.execute()  # raises CellExecutionError if a cell fails
+    exe = nb.cells[0].outputs[0]["text"].strip()
+    assert os.path.abspath(exe) == os.path.abspath(sys.executable), f"kernel ran {exe}, not {sys.executable}"
+    saved = {p: p.stat().st_mtime_ns for p in (quick_env / "figures").glob("*.png")}
+    assert any(before.get(p) != t for p, t in saved.items()), f"{path.name} saved no PNG into DSUTIL_FIGURES"
