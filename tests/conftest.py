@@ -42,3 +42,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """`dsutil demo --quick` into a temporary folder, once per session; tests that change it use a copy."""
+    from dsutil.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out

@@ -6,16 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsutil.cli import main
 from dsutil.config import load_config
 from dsutil.runner import run_experiment
-
-
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    return out
 
 
 def test_quick_demo_writes_the_summary_and_figures(quick_demo):
