@@ -37,10 +37,12 @@ def rrc_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 
 
 
 def crop_flip(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int] | None = None,
-              ) -> torch.Tensor:
-    """Crop each image to its box (top, left, h, w), mirror it if flipped, resize bilinearly.
+              shifts: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop each image to its box (top, left, h, w), mirror it if flipped, resize bilinearly; then, with
+    ``shifts``, roll image k circularly by shifts[k] = (dy, dx) pixels, as ``roll`` does.
 
-    Outside the image (boxes may reach past the border) pixels are zero.
+    Outside the image (boxes may reach past the border) pixels are zero. The roll moves the sampling grid,
+    not the pixels, so the whole augmentation is one ``grid_sample`` for autograd (cheap to differentiate).
     """
     n, _, height, width = x.shape
     out_h, out_w = size or (height, width)
@@ -53,6 +55,8 @@ def crop_flip(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: t
     theta[:, 1, 1] = h / height
     theta[:, 1, 2] = (2 * top + h) / height - 1
     grid = F.affine_grid(theta, [n, x.shape[1], out_h, out_w], align_corners=False)
+    if shifts is not None:
+        grid = roll(grid.permute(0, 3, 1, 2), shifts).permute(0, 2, 3, 1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
