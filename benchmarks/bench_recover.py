@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from dsutil.data import load_dataset
 from dsutil.models import build_model
-from dsutil.recover import BNTargets, RecoverConfig, load_squeezed, make_groups, synthesize
+from dsutil.recover import BNTargets, RecoverConfig, load_squeezed, make_groups, pack_groups, synthesize
 from dsutil.squeeze import TeacherConfig, bn_statistics, squeeze
 
 
@@ -64,16 +65,9 @@ def engine(teacher, stats, args, classes, shape, device, pack):
     targets = BNTargets(teacher, stats, "running", device)
     pixel_range = (torch.full((shape[0], 1, 1), -3.0), torch.full((shape[0], 1, 1), 3.0))
     groups = make_groups(args.method, args.ipc, classes, seed=0)
-    passes, current = [], []
-    for g in groups:  # the same packing as dsutil.recover.recover
-        if current and sum(len(h.labels) for h in current) + len(g.labels) > pack:
-            passes.append(current)
-            current = []
-        current.append(g)
-    passes += [current] if current else []
     sync(device)
     start = time.perf_counter()
-    for batch in passes:
+    for batch in pack_groups(groups, pack):
         synthesize(teacher, batch, targets, args.method, cfg, shape, pixel_range, device)
     sync(device)
     return sum(len(g.labels) for g in groups) * args.iterations / (time.perf_counter() - start)
@@ -146,7 +140,7 @@ def main():
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=40))
     median = lambda key: sorted(row[key] for row in rows)[len(rows) // 2]  # noqa: E731
-    result = {"command": "benchmarks/bench_recover.py " + " ".join(__import__("sys").argv[1:]),
+    result = {"command": "benchmarks/bench_recover.py " + " ".join(sys.argv[1:]),
               "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(device),
                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                           "threads": torch.get_num_threads()},

@@ -226,6 +226,17 @@ def synthesize(teacher: torch.nn.Module, groups: list[Group], targets: BNTargets
     return groups
 
 
+def pack_groups(groups: list[Group], batch_images: int) -> list[list[Group]]:
+    """Consecutive groups packed into teacher passes of at most ``batch_images`` images (at least one group)."""
+    passes, current = [], []
+    for g in groups:
+        if current and sum(len(h.labels) for h in current) + len(g.labels) > batch_images:
+            passes.append(current)
+            current = []
+        current.append(g)
+    return passes + ([current] if current else [])
+
+
 def recover_dir(run_dir, method: str, ipc: int) -> Path:
     return Path(run_dir) / "recover" / f"{method}-ipc{ipc}"
 
@@ -294,15 +305,9 @@ def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: s
         targets = BNTargets(teacher, stats, cfg.global_targets, dev)
         groups = [g for g in make_groups(cfg.method, cfg.ipc, classes, cfg.seed, cfg.chunk_classes)
                   if not (out / "units" / f"{g.name}.safetensors").exists()]
-        batches, current = [], []
-        for g in groups:  # pack groups into forward passes of about batch_images images
-            if current and sum(len(h.labels) for h in current) + len(g.labels) > cfg.batch_images:
-                batches.append(current)
-                current = []
-            current.append(g)
-        batches += [current] if current else []
         image_iterations = 0
-        for batch in tqdm(batches, desc=f"recover {cfg.method}", disable=not progress):
+        passes = pack_groups(groups, cfg.batch_images)
+        for batch in tqdm(passes, desc=f"recover {cfg.method}", disable=not progress):
             synthesize(teacher, batch, targets, cfg.method, cfg, shape, (low, high), dev)
             for g in batch:
                 save_tensors(out / "units" / f"{g.name}.safetensors",

@@ -173,3 +173,13 @@ def test_cuda_engine_matches_the_cpu(mnist_run, method):
     teacher = teacher.cpu().float()
     with torch.no_grad():
         assert (teacher(images["bf16"][0]).argmax(1) == images["bf16"][1]).float().mean() >= 0.9
+
+
+def test_pack_groups_fills_passes_in_order_up_to_the_limit():
+    from dsutil.recover import pack_groups
+
+    groups = make_groups("lpld", 3, range(7), seed=0)  # 7 groups of 3 images
+    passes = pack_groups(groups, 10)
+    assert [len(p) for p in passes] == [3, 3, 1]
+    assert [g for p in passes for g in p] == groups
+    assert [len(p) for p in pack_groups(groups, 2)] == [1] * 7  # a group larger than the limit goes alone
