@@ -100,6 +100,9 @@ def cmd_run(args) -> None:
     out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else ""))
     summary = run_experiment(cfg, out)
     print(summary_table(summary))
+    if args.quick:
+        print("--quick: a smoke test of the pipeline with few iterations and epochs; its numbers are not evidence "
+              "for or against the finding (run without --quick for that)")
     print(f"{len(summary['stages']['ran'])} stages ran, {len(summary['stages']['reused'])} reused; "
           f"{summary['seconds']:.0f} s. Summary: {out / 'summary.json'}; figures: {out / 'figures'}")
 
@@ -198,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help="the MNIST-5k demo: every stage, a table and figures" if name == "demo"
                            else "every stage of an experiment preset, reusing finished stages")
         if name == "run":
-            p.add_argument("config", help="a YAML file or a preset name: mnist5k, tiny-imagenet, imagenet1k")
+            from .config import PRESETS
+
+            names = ", ".join(sorted(q.stem for q in PRESETS.glob("*.yaml")))
+            p.add_argument("config", help=f"a YAML file or a preset name: {names}")
         else:
             p.set_defaults(config="mnist5k")
         p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>)")

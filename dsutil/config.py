@@ -27,6 +27,13 @@ class DataConfig:
     image_size: int | None = None
     seed: int = 0
 
+    def load(self):
+        """The dataset these settings name (an :class:`dsutil.data.ImageData`)."""
+        from .data import load_dataset
+
+        return load_dataset(self.dataset, self.root, num_classes=self.num_classes, per_class=self.per_class,
+                            image_size=self.image_size, seed=self.seed)
+
 
 @dataclass
 class ExperimentConfig:
@@ -41,11 +48,21 @@ class ExperimentConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     prune_ratios: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9, 0.95, 0.975, 0.99])
     prune_metrics: list[str] = field(default_factory=lambda: ["random"])
+    seeds: list[int] | None = None  # student seeds: each student is trained once per seed (None: student.seed)
     device: str = "auto"
 
     def recover_config(self, method: str) -> RecoverConfig:
         base = asdict(self.recover) | self.method_overrides.get(method, {}) | {"method": method}
         return RecoverConfig(**base)
+
+    def __post_init__(self):
+        self.student_seeds()  # checked before any stage runs
+
+    def student_seeds(self) -> list[int]:
+        seeds = [self.student.seed] if self.seeds is None else list(self.seeds)
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
+        return seeds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +88,7 @@ def from_dict(d: dict, where: str = "config") -> ExperimentConfig:
 
 
 def load_config(path_or_name: str | Path, overrides: dict | None = None, quick: bool = False) -> ExperimentConfig:
-    """A YAML file, or the name of a packaged preset (mnist5k, tiny-imagenet, imagenet1k).
+    """A YAML file, or the name of a packaged preset (mnist5k, tiny-imagenet-10, tiny-imagenet, imagenet1k).
 
     ``overrides`` maps dotted keys (``student.epochs``) to values; ``quick`` applies
     the preset's own ``quick:`` section, a smaller smoke-test version of it.

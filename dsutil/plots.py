@@ -51,18 +51,21 @@ def accuracy_curves(summary: dict, x: str):
     """Student top-1 against the pruning ratio (x='prune_ratio') or the label bytes (x='label_bytes')."""
     theme()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    seeds = summary.get("seeds", [0])
     for name, m in summary["methods"].items():
         s = [r for r in m["students"] if r.get("metric", "random") == "random"]
         xs = [r[x] / 2**10 if x == "label_bytes" else 1 - r[x] for r in s]
-        ax.plot(xs, [r["test_top1"] * 100 for r in s], "o-", color=METHOD_COLORS.get(name), label=METHOD_NAMES.get(name, name))
+        std = [(r.get("test_top1_std") or 0) * 100 for r in s]
+        ax.errorbar(xs, [r["test_top1"] * 100 for r in s], yerr=std if len(seeds) > 1 else None, fmt="o-",
+                    capsize=3, color=METHOD_COLORS.get(name), label=METHOD_NAMES.get(name, name))
     ax.set_xscale("log")
     if x == "label_bytes":
         ax.set_xlabel("stored soft labels (KiB, log scale)")
     else:
         ax.set_xlabel("fraction of label batches kept, 1 - r (log scale)")
         ax.invert_xaxis()
-    ax.set_ylabel("student test top-1 (%)")
-    ax.set_title(f"{summary['dataset']}: accuracy against label {'storage' if x == 'label_bytes' else 'pruning'}")
+    ax.set_ylabel("student test top-1 (%)" + (f"\nmean ± std over {len(seeds)} seeds" if len(seeds) > 1 else ""))
+    ax.set_title(f"{summary.get('name', summary['dataset'])}: accuracy against label {'storage' if x == 'label_bytes' else 'pruning'}")
     ax.legend()
     return fig
 
@@ -95,7 +98,7 @@ def demo_figures(out, summary: dict, data) -> list[Path]:
     fig_dir = Path(out) / "figures"
     paths = [save(cosine_bars({n: m["within_class_cosine"] for n, m in summary["methods"].items()},
                               summary["real_within_class_cosine"],
-                              f"{summary['dataset']}: how alike are images of one class?"),
+                              f"{summary.get('name', summary['dataset'])}: how alike are images of one class?"),
                   fig_dir / "within_class_cosine.png"),
              save(accuracy_curves(summary, "prune_ratio"), fig_dir / "accuracy_vs_pruning.png"),
              save(accuracy_curves(summary, "label_bytes"), fig_dir / "accuracy_vs_label_storage.png")]

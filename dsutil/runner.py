@@ -18,7 +18,6 @@ import torch
 
 from .analysis import within_class_cosine
 from .config import ExperimentConfig
-from .data import load_dataset
 from .files import json_ready, read_json, write_json
 from .labels import LabelStore
 from .models import penultimate_features
@@ -33,11 +32,12 @@ def settings_hash(*parts) -> str:
 
 
 class Stages:
-    """Runs or reuses stages, and remembers which it did."""
+    """Runs or reuses stages, and remembers which it did and how long each took (when it ran)."""
 
     def __init__(self, progress: bool = True):
         self.reused: list[str] = []
         self.ran: list[str] = []
+        self.seconds: dict[str, float] = {}
         self.progress = progress
 
     def __call__(self, name: str, marker: Path, settings: dict, upstream: list[str], fn, clear: Path | None = None
@@ -45,15 +45,27 @@ class Stages:
         h = settings_hash(settings, upstream)
         if marker.exists() and read_json(marker).get("hash") == h:
             self.reused.append(name)
+            self.seconds[name] = read_json(marker).get("seconds")
             return h
         if clear is not None and clear.exists():
             shutil.rmtree(clear)
         if self.progress:
             print(f"[dsutil] {name} ...", flush=True)
+        start = time.time()
         fn()
-        write_json(marker, {"hash": h, "settings": settings, "upstream": upstream, "finished": time.time()})
+        self.seconds[name] = time.time() - start
+        write_json(marker, {"hash": h, "settings": settings, "upstream": upstream, "finished": time.time(),
+                            "seconds": self.seconds[name]})
         self.ran.append(name)
         return h
+
+    def seconds_by_kind(self) -> dict[str, float]:
+        """Total seconds per kind of stage (squeeze, recover, relabel, student), as first measured."""
+        out: dict[str, float] = {}
+        for name, s in self.seconds.items():
+            kind = name.split()[0]
+            out[kind] = out.get(kind, 0.0) + (s or 0.0)
+        return out
 
 
 def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
@@ -61,11 +73,11 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
     from .plots import demo_figures
 
     out, start = Path(out), time.time()
+    seeds = cfg.student_seeds()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg.to_dict())
     stages = Stages(progress)
-    data = load_dataset(cfg.data.dataset, cfg.data.root, num_classes=cfg.data.num_classes,
-                        per_class=cfg.data.per_class, image_size=cfg.data.image_size, seed=cfg.data.seed)
+    data = cfg.data.load()
 
     stages("squeeze", out / "squeeze.stage.json",
            {"data": asdict(cfg.data), "teacher": asdict(cfg.teacher), "checkpoint": cfg.teacher_checkpoint},
@@ -82,11 +94,9 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
         students = []
         for metric in cfg.prune_metrics:
             for ratio in cfg.prune_ratios:
-                res = ensure_student(out, method, replace(cfg.student, prune_ratio=ratio, metric=metric), rcfg.ipc,
-                                     cfg.device, data, progress, stages)
-                students.append({"prune_ratio": ratio, "metric": metric, "label_bytes": res["label_bytes"],
-                                 "test_top1": res["test_top1"], "test_top5": res["test_top5"],
-                                 "test_ece": res["test_ece"]})
+                runs = [ensure_student(out, method, replace(cfg.student, prune_ratio=ratio, metric=metric, seed=seed),
+                                       rcfg.ipc, cfg.device, data, progress, stages) for seed in seeds]
+                students.append({"prune_ratio": ratio, "metric": metric} | over_seeds(runs, seeds))
         methods[method] = {"ipc": rcfg.ipc,
                            "within_class_cosine": within_class_cosine(penultimate_features(teacher, images), labels),
                            "teacher_top1_on_images": read_json(rdir / "recover.json")["teacher_top1_on_images"],
@@ -97,26 +107,43 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
         if len(data.train) <= 50_000 else None
     real_cos = None if real_images is None else within_class_cosine(
         penultimate_features(teacher, real_images), torch.as_tensor(data.train.targets))
-    summary = {"dataset": cfg.data.dataset, "teacher": {"arch": spec["arch"], "test_top1": info["test_top1"]},
+    summary = {"name": cfg.name, "dataset": cfg.data.dataset, "classes": data.classes, "teacher": {"arch": spec["arch"], "test_top1": info["test_top1"]},
                "real_within_class_cosine": real_cos, "methods": methods, "settings": cfg.to_dict(),
-               "stages": {"ran": stages.ran, "reused": stages.reused}, "seconds": time.time() - start}
+               "seeds": seeds, "stages": {"ran": stages.ran, "reused": stages.reused},
+               "stage_seconds": stages.seconds, "stage_seconds_by_kind": stages.seconds_by_kind(),
+               "seconds": time.time() - start}
     demo_figures(out, summary, data)
     summary["seconds"] = time.time() - start
     write_json(out / "summary.json", summary)
     return summary
 
 
+def over_seeds(runs: list[dict], seeds: list[int]) -> dict:
+    """One student setting over its seeds: mean, sample std (None for one seed) and per-seed values."""
+    out = {"seeds": seeds, "label_bytes": round(sum(r["label_bytes"] for r in runs) / len(runs))}
+    for key in ("test_top1", "test_top5", "test_ece"):
+        values = [r[key] for r in runs]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        out |= {key: mean, f"{key}_std": std, f"{key}_per_seed": values}
+    return out
+
+
 def summary_table(summary: dict) -> str:
-    """A short terminal table: cosine, then top-1 at each pruning ratio, per method."""
+    """A short terminal table: cosine, then top-1 (mean +- std over seeds) at each pruning ratio, per method."""
     ratios = [s["prune_ratio"] for s in next(iter(summary["methods"].values()))["students"]]
-    head = f"{'method':<8} {'cosine':>7} " + " ".join(f"{'r=' + format(r, 'g'):>8}" for r in ratios)
+    seeds = summary.get("seeds", [0])
+    width = 8 if len(seeds) == 1 else 11
+    head = f"{'method':<8} {'cosine':>7} " + " ".join(f"{'r=' + format(r, 'g'):>{width}}" for r in ratios)
     lines = [f"teacher {summary['teacher']['arch']}: test top-1 {summary['teacher']['test_top1']:.4f}; "
              f"real images within-class cosine {summary['real_within_class_cosine']:.3f}", head]
     for name, m in summary["methods"].items():
-        accs = " ".join(f"{s['test_top1'] * 100:7.1f}%" for s in m["students"])
-        lines.append(f"{name:<8} {m['within_class_cosine']:7.3f} {accs}")
+        cells = [f"{s['test_top1'] * 100:.1f}%" + ("" if s.get("test_top1_std") is None
+                                                      else f"±{s['test_top1_std'] * 100:.1f}") for s in m["students"]]
+        lines.append(f"{name:<8} {m['within_class_cosine']:7.3f} " + " ".join(f"{c:>{width}}" for c in cells))
     full = next(iter(summary["methods"].values()))["label_bytes_full"]
-    lines.append(f"student test top-1 by label pruning ratio r (labels kept: 1 - r of {full} bytes)")
+    over = f", mean ± std over seeds {seeds}" if len(seeds) > 1 else f", seed {seeds[0]}"
+    lines.append(f"student test top-1 by label pruning ratio r{over} (labels kept: 1 - r of {full} bytes)")
     return "\n".join(lines)
 
 

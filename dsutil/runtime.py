@@ -1,6 +1,7 @@
 """Device choice and seeding, in one place so every stage does them alike."""
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -14,6 +15,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(device)
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader worker processes: as asked, but never more than the cores this process may use."""
+    if requested < 0:
+        raise ValueError(f"workers must be 0 or more, got {requested}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(requested, cores)
 
 
 def seed_everything(seed: int) -> torch.Generator:

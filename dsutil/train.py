@@ -16,7 +16,7 @@ from .files import atomic_path, save_model, write_json
 from .labels import LabelStore, LabelStoreError, check_prune_ratio, select_batches
 from .models import build_model
 from .relabel import replay
-from .runtime import resolve_device
+from .runtime import loader_workers, resolve_device
 
 
 @dataclass
@@ -99,6 +99,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
 
     dev = resolve_device(device)
     check_prune_ratio(cfg.prune_ratio)
+    workers = loader_workers(cfg.workers)
     out_dir = Path(out_dir)
     store = LabelStore(store_path)
     manifest = store.manifest
@@ -148,7 +149,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
                    for r in epoch_records(len(images), (h, h), online_cfg, e))
     else:  # one loader over every remaining step, so worker processes start once
         batches = DataLoader(StoredBatches(store.path, images, [k for s in schedule[start_epoch:] for k in s]),
-                             batch_size=None, num_workers=cfg.workers)
+                             batch_size=None, num_workers=workers)
     epoch_of_step = [e for e in range(start_epoch, epochs) for _ in schedule[e]]
     bar = tqdm(total=len(epoch_of_step), desc="student", disable=not progress)
     student.train()
@@ -176,7 +177,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     result = {"settings": asdict(cfg), "epochs": epochs, "store": str(store.path), "kept_batches": n_kept,
               "stored_batches": len(store.keys()), "label_bytes": label_bytes,
               "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],
-              "seconds": time.time() - started, "device": str(dev)}
+              "seconds": time.time() - started, "device": str(dev), "workers": workers}
     save_model(out_dir / "student.safetensors", student,
                {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
                 "width": cfg.width, "depth": cfg.depth})

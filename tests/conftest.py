@@ -35,6 +35,16 @@ def copy_squeeze(mnist_run):
     return copy
 
 
+@pytest.fixture(scope="session")
+def tiny_root():
+    """The shared Tiny-ImageNet folder, extracted once into the cache; tests skip (saying why) without it."""
+    from dsutil.data import SHARED_TINY, tiny_imagenet_root
+
+    if not list(SHARED_TINY.glob("tiny-imagenet-200-*.zip")):
+        pytest.skip(f"shared Tiny-ImageNet zips not found at {SHARED_TINY}")
+    return tiny_imagenet_root()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny batches: one intra-op thread is as fast, and does not stall when another process holds a core."""
@@ -51,4 +61,14 @@ def quick_demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def quick_tiny(tmp_path_factory, tiny_root):
+    """`dsutil run tiny-imagenet-10 --quick` (10 classes x 100 images, 2 student seeds), once per session."""
+    from dsutil.cli import main
+
+    out = tmp_path_factory.mktemp("tiny")
+    assert main(["run", "tiny-imagenet-10", "--quick", "--out", str(out)]) == 0
     return out

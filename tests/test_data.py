@@ -65,13 +65,6 @@ def test_subset_and_resized(mnist):
 # --- Tiny-ImageNet from the shared zips ----------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def tiny_root() -> Path:
-    if not list(SHARED_TINY.glob("tiny-imagenet-200-*.zip")):
-        pytest.skip(f"shared Tiny-ImageNet zips not found at {SHARED_TINY}")
-    return tiny_imagenet_root()  # extracted once into the cache
-
-
-@pytest.fixture(scope="session")
 def tiny(tiny_root) -> ImageData:
     return tiny_imagenet(num_classes=TINY_CLASSES)
 

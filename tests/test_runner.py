@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dsutil.config import load_config
-from dsutil.runner import run_experiment
+from dsutil.runner import run_experiment, summary_table
 
 
 def test_quick_demo_writes_the_summary_and_figures(quick_demo):
@@ -23,10 +23,12 @@ def test_quick_demo_writes_the_summary_and_figures(quick_demo):
         assert ratios == [0.0, 0.5, 0.9, 0.95, 0.975, 0.99]
         for st in m["students"]:
             assert 0 <= st["test_top1"] <= 1 and isinstance(st["label_bytes"], int)
+            assert st["test_top1_per_seed"] == [st["test_top1"]] and st["test_top1_std"] is None
         bytes_ = [st["label_bytes"] for st in m["students"]]
         assert bytes_[0] == m["label_bytes_full"] and bytes_ == sorted(bytes_, reverse=True)
         assert st["test_top1"] > 0.2  # even 1% of the labels teaches something
-    assert s["settings"]["recover"]["ipc"] == 10 and s["seconds"] > 0
+    assert s["settings"]["recover"]["ipc"] == 10 and s["seconds"] > 0 and s["seeds"] == [0]
+    assert "±" not in summary_table(s) and "seed 0" in summary_table(s)
     figures = sorted(p.name for p in (quick_demo / "figures").glob("*.png"))
     assert figures == ["accuracy_vs_label_storage.png", "accuracy_vs_pruning.png", "images_lpld.png",
                        "images_real.png", "images_sre2l.png", "within_class_cosine.png"]
@@ -59,3 +61,53 @@ def test_config_errors_name_the_problem(tmp_path):
     bad.write_text("recover: {ipcs: 3}\n")
     with pytest.raises(ValueError, match="unknown keys.*ipcs"):
         load_config(bad)
+
+
+def test_over_seeds_gives_mean_sample_std_and_the_values():
+    import statistics
+
+    from dsutil.runner import over_seeds
+
+    gen = np.random.default_rng(0)
+    for n in (1, 2, 5):
+        runs = [{"test_top1": gen.random(), "test_top5": gen.random(), "test_ece": gen.random(),
+                 "label_bytes": int(gen.integers(100, 200))} for _ in range(n)]
+        got = over_seeds(runs, list(range(n)))
+        for key in ("test_top1", "test_top5", "test_ece"):
+            values = [r[key] for r in runs]
+            assert got[f"{key}_per_seed"] == values
+            assert got[key] == pytest.approx(statistics.fmean(values), rel=1e-12)
+            assert got[f"{key}_std"] == (None if n == 1 else pytest.approx(statistics.stdev(values), rel=1e-12))
+        assert got["seeds"] == list(range(n))
+        assert got["label_bytes"] == round(statistics.fmean(r["label_bytes"] for r in runs))
+
+
+def test_seeds_must_be_distinct_and_given():
+    cfg = load_config("mnist5k")
+    assert cfg.student_seeds() == [cfg.student.seed]
+    for bad in ([], [1, 1]):
+        with pytest.raises(ValueError, match="seeds"):
+            load_config("mnist5k", {"seeds": bad})
+
+
+def test_tiny_imagenet_preset_runs_with_seeds(quick_tiny):
+    """The natural-image preset at a tiny scale: the demo's summary shape plus per-seed values, mean and std."""
+    s = json.loads((quick_tiny / "summary.json").read_text())
+    assert s["name"] == "tiny-imagenet-10" and s["dataset"] == "tiny-imagenet" and s["seeds"] == [0, 1]
+    assert s["classes"] == sorted(s["classes"]) and len(s["classes"]) == 10 and s["classes"][0] == "n01443537"
+    assert s["teacher"]["test_top1"] > 0.2  # 10 classes: chance is 0.1
+    assert set(s["methods"]) == {"sre2l", "lpld", "real"}
+    for m in s["methods"].values():
+        assert 0 < m["within_class_cosine"] < 1
+        assert [st["prune_ratio"] for st in m["students"]] == [0.0, 0.5, 0.9, 0.95, 0.975, 0.99]
+        for st in m["students"]:
+            values = st["test_top1_per_seed"]
+            assert len(values) == 2 and st["test_top1"] == pytest.approx(sum(values) / 2)
+            assert st["test_top1_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    seeded = quick_tiny / "students" / "lpld-ipc10-random-r0.9-s1" / "train.json"
+    assert json.loads(seeded.read_text())["settings"]["seed"] == 1
+    assert set(s["stage_seconds_by_kind"]) == {"squeeze", "recover", "relabel", "student"}
+    assert all(v > 0 for v in s["stage_seconds_by_kind"].values())
+    assert len(s["stage_seconds"]) == 1 + 3 * 2 + 3 * 6 * 2
+    table = summary_table(s)
+    assert "mean ± std over seeds [0, 1]" in table and table.count("±") == 3 * 6 + 1
