@@ -10,8 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from .recover import RecoverConfig
+from .recover import METHODS, REAL, RecoverConfig
+from .labels import PRUNE_METRICS
 from .relabel import RelabelConfig
+from .settings import build, one_of, require
 from .squeeze import TeacherConfig
 from .train import StudentConfig
 
@@ -26,6 +28,14 @@ class DataConfig:
     per_class: int | None = None
     image_size: int | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        from .data import DATASETS
+
+        one_of("dataset", self.dataset, DATASETS)
+        for name in ("num_classes", "per_class", "image_size"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, value, "a positive integer or null")
 
     def load(self):
         """The dataset these settings name (an :class:`dsutil.data.ImageData`)."""
@@ -53,10 +63,23 @@ class ExperimentConfig:
 
     def recover_config(self, method: str) -> RecoverConfig:
         base = asdict(self.recover) | self.method_overrides.get(method, {}) | {"method": method}
-        return RecoverConfig(**base)
+        return build(RecoverConfig, base, f"recover settings of {method}")
 
-    def __post_init__(self):
-        self.student_seeds()  # checked before any stage runs
+    def __post_init__(self):  # everything checked before any stage runs
+        self.student_seeds()
+        require(len(self.methods) > 0, "methods", self.methods, "at least one method")
+        for method in self.methods:
+            one_of("methods", method, [*METHODS, REAL])
+            self.recover_config(method)
+        require(len(self.prune_ratios) > 0, "prune_ratios", self.prune_ratios, "at least one ratio")
+        for r in self.prune_ratios:
+            require(0 <= r < 1, "prune_ratios", r, "ratios in [0, 1)")
+        for metric in self.prune_metrics:
+            one_of("prune_metrics", metric, PRUNE_METRICS)
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device,
+                "auto, cpu, cuda or cuda:N")
+        require(self.teacher.epochs > 0 or self.teacher.pretrained or self.teacher_checkpoint is not None,
+                "teacher.epochs", self.teacher.epochs, "1 or more, unless teacher.pretrained or teacher_checkpoint")
 
     def student_seeds(self) -> list[int]:
         seeds = [self.student.seed] if self.seeds is None else list(self.seeds)
@@ -68,23 +91,15 @@ class ExperimentConfig:
         return asdict(self)
 
 
-def _build(cls, values: dict | None, where: str):
-    values = values or {}
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-    return cls(**values)
-
-
 def from_dict(d: dict, where: str = "config") -> ExperimentConfig:
+    """An experiment from nested settings, every value typed and checked (:func:`dsutil.settings.build`)."""
     d = dict(d)
     sections = {"data": DataConfig, "teacher": TeacherConfig, "recover": RecoverConfig,
                 "relabel": RelabelConfig, "student": StudentConfig}
     for key, cls in sections.items():
         if key in d:
-            d[key] = _build(cls, d[key], f"{where}: {key}")
-    return _build(ExperimentConfig, d, where)
+            d[key] = build(cls, d[key], f"{where}: {key}")
+    return build(ExperimentConfig, d, where)
 
 
 def load_config(path_or_name: str | Path, overrides: dict | None = None, quick: bool = False) -> ExperimentConfig:

@@ -121,6 +121,9 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, num_classe
     ``num_classes`` keeps the first classes of the class order, ``per_class``
     the first training images of each kept class, ``image_size`` resizes.
     """
+    for key, value in (("num_classes", num_classes), ("per_class", per_class), ("image_size", image_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DatasetError(f"{key}={value!r}: expected a positive integer (or none)")
     if name == "mnist5k":
         data = mnist5k(seed=seed)
     elif name == "tiny-imagenet":

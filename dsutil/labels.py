@@ -55,6 +55,11 @@ def storage_bytes(classes: int, ipc: int, epochs: int, batch_size: int = 1024, p
     check_prune_ratio(prune_ratio)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for name, value in (("classes", classes), ("ipc", ipc), ("epochs", epochs), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value}: expected a positive integer")
+    if topk is not None and not 1 <= topk <= classes:
+        raise ValueError(f"topk={topk}: expected 1 to the number of classes ({classes})")
     n = classes * ipc
     per_value = DTYPES[dtype].itemsize
     per_image = classes * per_value if topk is None else topk * (per_value + (2 if classes < 2**15 else 4))

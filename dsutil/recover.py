@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .augment import crop_flip, rrc_boxes
 from .files import json_ready, load_model, load_tensors, read_json, save_tensors, write_json
 from .runtime import derive_seed, resolve_device
+from .settings import check_crop_scale, non_negative, positive
 from .squeeze import BNStats, bn_layers
 
 METHODS = {  # name -> (grouping, BN targets)
@@ -66,6 +67,11 @@ class RecoverConfig:
         if self.global_targets not in ("running", "exact"):
             raise ValueError(f"global_targets must be 'running' or 'exact', got {self.global_targets!r}")
         self.crop_scale = tuple(self.crop_scale)
+        check_crop_scale(self.crop_scale)
+        for name in ("lr", "chunk_classes", "batch_images"):
+            positive(name, getattr(self, name))
+        for name in ("r_bn", "first_bn_multiplier", "jitter"):
+            non_negative(name, getattr(self, name))
 
 
 @dataclass

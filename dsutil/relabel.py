@@ -22,6 +22,7 @@ from .files import json_ready, read_json, write_json
 from .labels import DTYPES, FORMAT_VERSION, BatchRecord, check_prune_ratio, file_sha256, write_epoch
 from .recover import load_images, load_squeezed
 from .runtime import derive_seed, resolve_device
+from .settings import check_crop_scale, positive
 
 MIXES = ("none", "cutmix", "mixup")
 
@@ -47,6 +48,8 @@ class RelabelConfig:
             raise ValueError(f"epochs and batch size must be positive, got {self.epochs} and {self.batch_size}")
         check_prune_ratio(self.prune_ratio)
         self.crop_scale = tuple(self.crop_scale)
+        check_crop_scale(self.crop_scale)
+        positive("mix_alpha", self.mix_alpha)
 
 
 def epoch_records(num_images: int, image_hw: tuple[int, int], cfg: RelabelConfig, epoch: int) -> list[BatchRecord]:

@@ -20,6 +20,7 @@ from .data import ImageData
 from .files import load_model, load_tensors, save_model, save_tensors, write_json
 from .models import build_model
 from .runtime import resolve_device, seed_everything
+from .settings import non_negative, one_of, positive
 from .evaluate import evaluate
 
 
@@ -36,6 +37,17 @@ class TeacherConfig:
     shift: int = 2  # translation augmentation, pixels
     seed: int = 0
     pretrained: bool = False
+
+    def __post_init__(self):
+        from .models import ARCHS
+
+        one_of("arch", self.arch, ARCHS)
+        one_of("optimizer", self.optimizer, ("sgd", "adamw"))
+        for name in ("width", "depth", "batch_size"):
+            positive(name, getattr(self, name))
+        for name in ("epochs", "weight_decay", "shift"):
+            non_negative(name, getattr(self, name))
+        positive("lr", self.lr)
 
 
 @dataclass
@@ -171,6 +183,9 @@ def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), devi
             progress: bool = True, teacher_checkpoint=None) -> dict:
     """Train (or load) and save the teacher, its BN statistics and ``squeeze.json`` under ``out_dir``."""
     out_dir, dev = Path(out_dir), resolve_device(device)
+    if cfg.epochs == 0 and not (cfg.pretrained or teacher_checkpoint):
+        raise ValueError("teacher epochs=0 would keep an untrained teacher; train it (epochs >= 1), or start from "
+                         "--pretrained weights or a teacher checkpoint")
     start = time.time()
     if teacher_checkpoint:
         model, spec = load_model(teacher_checkpoint, dev)

@@ -13,10 +13,11 @@ from tqdm.auto import tqdm
 from .data import ImageData
 from .evaluate import evaluate
 from .files import atomic_path, save_model, write_json
-from .labels import LabelStore, LabelStoreError, check_prune_ratio, select_batches
+from .labels import PRUNE_METRICS, LabelStore, LabelStoreError, check_prune_ratio, select_batches
 from .models import build_model
 from .relabel import replay
 from .runtime import loader_workers, resolve_device
+from .settings import non_negative, one_of, positive, require
 
 
 @dataclass
@@ -36,6 +37,21 @@ class StudentConfig:
     online: bool = False  # the teacher labels every batch on the fly; nothing is stored or read
     workers: int = 0
     seed: int = 0
+
+    def __post_init__(self):
+        from .models import ARCHS
+
+        one_of("arch", self.arch, ARCHS)
+        one_of("optimizer", self.optimizer, ("adamw", "sgd"))
+        one_of("metric", self.metric, PRUNE_METRICS)
+        one_of("granularity", self.granularity, ("batch", "epoch"))
+        require(self.epochs is None or self.epochs >= 1, "epochs", self.epochs,
+                "1 or more (or unset: the store's relabel epochs)")
+        for name in ("width", "depth", "lr", "temperature"):
+            positive(name, getattr(self, name))
+        for name in ("weight_decay", "workers"):
+            non_negative(name, getattr(self, name))
+        check_prune_ratio(self.prune_ratio)
 
 
 class StoredBatches(Dataset):

@@ -1,0 +1,95 @@
+"""Typed, checked settings: every value converted to its field's type and range-checked before work starts.
+
+YAML, ``--set key=value`` and the command line all pass through here, so ``1e-3`` (a string to YAML 1.1)
+becomes a float, ``"10"`` an int, and a bad value stops the run with its name, the value and what was
+expected, before any stage has spent compute.
+"""
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import fields
+
+
+class SettingError(ValueError):
+    """A setting of the wrong type or outside its range; the message names it."""
+
+
+def require(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise SettingError(f"{name}={value!r}: expected {expected}")
+
+
+def convert(value, hint, name: str):
+    """``value`` as the annotated type ``hint`` (bool, int, float, str, list/tuple/dict of them, or X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        require(len(inner) == 1, name, value, " or ".join(getattr(a, "__name__", str(a)) for a in args))
+        return convert(value, inner[0], name)
+    if origin in (list, tuple):
+        require(isinstance(value, (list, tuple)), name, value, "a list")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            require(len(value) == len(args), name, value, f"{len(args)} values")
+            return tuple(convert(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return origin(convert(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)) if args else origin(value)
+    if origin is dict or hint is dict:
+        require(isinstance(value, dict), name, value, "a mapping")
+        return dict(value)
+    if hint is bool:
+        require(isinstance(value, bool), name, value, "true or false")
+        return value
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        require(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "a number")
+        return float(value)
+    if hint is str:
+        require(isinstance(value, str), name, value, "a string")
+        return value
+    return value
+
+
+def build(cls, values: dict | None, where: str):
+    """``cls(**values)`` with every value converted to its field's type; errors say ``where`` and the field."""
+    values = values or {}
+    require(isinstance(values, dict), where, values, "a mapping of settings")
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise SettingError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    try:
+        return cls(**{k: convert(v, hints[k], k) for k, v in values.items()})
+    except ValueError as e:  # the field checks of the config's own __post_init__ too
+        raise SettingError(f"{where}: {e}") from None
+
+
+def positive(name: str, value) -> None:
+    require(value > 0, name, value, "a positive number")
+
+
+def non_negative(name: str, value) -> None:
+    require(value >= 0, name, value, "0 or more")
+
+
+def check_crop_scale(scale) -> None:
+    require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "crop_scale", scale,
+            "two fractions of the image area, 0 < min <= max <= 1")
+
+
+def one_of(name: str, value, choices) -> None:
+    require(value in choices, name, value, "one of " + ", ".join(map(str, choices)))

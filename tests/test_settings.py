@@ -1,0 +1,93 @@
+"""Settings are typed and range-checked before any work starts, from YAML, --set and the command line."""
+import pytest
+
+from dsutil.cli import main
+from dsutil.config import load_config
+from dsutil.settings import SettingError, convert
+
+BAD_SETTINGS = [  # (--set key=value, the words the error must show)
+    ("student.temperature=0", "temperature=0.0"),
+    ("student.temperature=-2", "temperature=-2.0"),
+    ("student.epochs=0", "epochs=0"),
+    ("student.lr=0", "lr=0.0"),
+    ("student.optimizer=adam", "optimizer='adam'"),
+    ("student.granularity=step", "granularity='step'"),
+    ("student.metric=el2n", "metric='el2n'"),
+    ("student.prune_ratio=1", "prune ratio"),
+    ("student.workers=-1", "workers=-1"),
+    ("student.arch=vgg", "arch='vgg'"),
+    ("teacher.epochs=0", "teacher.epochs=0"),
+    ("teacher.batch_size=0", "batch_size=0"),
+    ("teacher.lr=fast", "lr='fast'"),
+    ("data.num_classes=0", "num_classes=0"),
+    ("data.per_class=-3", "per_class=-3"),
+    ("data.dataset=mnist", "dataset='mnist'"),
+    ("recover.ipc=0", "ipc must be a positive"),
+    ("recover.ipc=ten", "ipc='ten'"),
+    ("recover.iterations=0", "iterations must be positive"),
+    ("recover.crop_scale=[0.5,0.1]", "crop_scale=(0.5, 0.1)"),
+    ("recover.crop_scale=[0.5]", "crop_scale=[0.5]"),
+    ("recover.r_bn=-1", "r_bn=-1.0"),
+    ("recover.jitter=-1", "jitter=-1"),
+    ("recover.flip=maybe", "flip='maybe'"),
+    ("recover.global_targets=exactly", "global_targets"),
+    ("relabel.epochs=0", "epochs and batch size must be positive"),
+    ("relabel.mix=cutout", "mix must be one of"),
+    ("relabel.dtype=int8", "dtype must be one of"),
+    ("relabel.mix_alpha=0", "mix_alpha=0.0"),
+    ("methods=[lpld,sre3l]", "methods='sre3l'"),
+    ("methods=[]", "at least one method"),
+    ("prune_ratios=[0,0.99,1.2]", "prune_ratios=1.2"),
+    ("prune_metrics=[random,best]", "prune_metrics='best'"),
+    ("seeds=[0,0]", "seeds must be"),
+    ("seeds=[0,x]", "seeds[1]='x'"),
+    ("device=tpu", "device='tpu'"),
+    ("method_overrides={lpld: {r_bn: -0.1}}", "recover settings of lpld: r_bn=-0.1"),
+    ("method_overrides={lpld: {rbn: 0.1}}", "unknown keys ['rbn']"),
+]
+
+
+@pytest.mark.parametrize("setting,words", BAD_SETTINGS, ids=[s for s, _ in BAD_SETTINGS])
+def test_a_bad_setting_stops_dsutil_run_before_any_stage(setting, words, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "mnist5k", "--out", str(out), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "mnist5k.yaml" in err, err
+    assert not out.exists()  # nothing written, no stage started
+
+
+def test_values_are_converted_to_their_field_types():
+    cfg = load_config("mnist5k", {"student.lr": "1e-3", "recover.ipc": "5", "student.temperature": 2,
+                                  "prune_ratios": [0, "0.5"], "recover.crop_scale": [0.25, 1]})
+    assert cfg.student.lr == 0.001 and isinstance(cfg.student.lr, float)
+    assert cfg.recover.ipc == 5 and isinstance(cfg.recover.ipc, int)
+    assert cfg.student.temperature == 2.0 and isinstance(cfg.student.temperature, float)
+    assert cfg.prune_ratios == [0.0, 0.5] and all(isinstance(r, float) for r in cfg.prune_ratios)
+    assert cfg.recover.crop_scale == (0.25, 1.0)
+
+
+def test_convert_refuses_what_it_cannot_convert():
+    assert convert(None, int | None, "x") is None
+    assert convert("7", int | None, "x") == 7
+    for value, hint in [(True, int), (1.5, int), ("1.5", int), (True, float), ("x", float), (1, bool),
+                        ("yes", bool), (3, str), (3, list[int]), ([1, 2, 3], tuple[float, float]), (None, int)]:
+        with pytest.raises(SettingError, match="x="):
+            convert(value, hint, "x")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["labels", "size", "--classes", "10", "--ipc", "-5", "--epochs", "3"], "ipc=-5"),
+    (["labels", "size", "--classes", "0", "--ipc", "5", "--epochs", "3"], "classes=0"),
+    (["labels", "size", "--classes", "10", "--ipc", "5", "--epochs", "3", "--topk", "11"], "topk=11"),
+    (["train", "--run", "r", "--labels", "l", "--temperature", "0"], "temperature=0.0"),
+    (["train", "--run", "r", "--labels", "l", "--epochs", "0"], "epochs=0"),
+    (["squeeze", "--out", "r", "--epochs", "0"], "untrained teacher"),
+    (["squeeze", "--out", "r", "--num-classes", "0"], "num_classes=0"),
+    (["recover", "--run", "r", "--lr", "-1"], "lr=-1.0"),
+    (["relabel", "--run", "r", "--images", "i", "--epochs", "0"], "must be positive"),
+])
+def test_the_stage_commands_refuse_bad_numbers(argv, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert words in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
