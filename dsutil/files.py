@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+METADATA_KEY = "dsutil"  # the one safetensors header entry that holds a file's metadata, as JSON
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
@@ -50,8 +52,12 @@ def read_json(path) -> dict:
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Save tensors atomically; ``metadata`` values are JSON-encoded into the header."""
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    """Save tensors atomically; ``metadata`` goes into the header as one JSON object with sorted keys.
+
+    One header key, not one per entry: safetensors writes its metadata map in a random order, so
+    several keys would give different bytes for the same content (and a new sha256 on every rerun).
+    """
+    meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
@@ -66,6 +72,7 @@ def load_tensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], di
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        meta = meta[METADATA_KEY] if set(meta) == {METADATA_KEY} else meta  # else: a file from dsutil < 0.2
         return load_file(str(path), device=str(device)), meta
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
