@@ -41,22 +41,15 @@ def convert(value, hint, name: str):
     if hint is bool:
         require(isinstance(value, bool), name, value, "true or false")
         return value
-    if hint is int:
+    if hint in (int, float):
         if isinstance(value, str):
             try:
-                value = int(value)
+                value = hint(value)
             except ValueError:
                 pass
-        require(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        require(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "a number")
-        return float(value)
+        ok = isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+        require(ok, name, value, "a number" if hint is float else "an integer")
+        return hint(value)
     if hint is str:
         require(isinstance(value, str), name, value, "a string")
         return value
