@@ -114,7 +114,12 @@ def load_config(path_or_name: str | Path, overrides: dict | None = None, quick: 
     if not path.exists():
         names = ", ".join(p.stem for p in sorted(PRESETS.glob("*.yaml")))
         raise FileNotFoundError(f"config {path_or_name!r} not found; give a YAML path or a preset: {names}")
-    d = yaml.safe_load(path.read_text()) or {}
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping of settings (data:, teacher:, ...), got {type(d).__name__}")
     quick_overrides = d.pop("quick", None) or {}
     for dotted, value in ((quick_overrides if quick else {}) | (overrides or {})).items():
         node = d

@@ -370,8 +370,11 @@ class FolderImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as im:
-            im = im.convert("RGB")
+        try:
+            with Image.open(self.files[i]) as im:
+                im = im.convert("RGB")
+        except (OSError, ValueError) as e:  # truncated, damaged or not an image at all
+            raise DatasetError(f"cannot read image {self.files[i]}: {e}") from e
         if self.image_size:  # shorter side to image_size, then the central square
             s, (w, h) = self.image_size, im.size
             nw, nh = max(s, round(w * s / min(w, h))), max(s, round(h * s / min(w, h)))

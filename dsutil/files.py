@@ -48,7 +48,11 @@ def json_ready(obj):
 
 
 def read_json(path) -> dict:
-    return json.loads(Path(path).read_text())
+    """A JSON file we wrote; a damaged one names itself."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); was it truncated or edited by hand?") from e
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

@@ -147,7 +147,11 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start_epoch, ckpt = 0, out_dir / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=dev, weights_only=True)
+        try:
+            state = torch.load(ckpt, map_location=dev, weights_only=True)
+        except Exception as e:  # anything but plain tensors and containers is refused, never run
+            raise ValueError(f"{ckpt} is not a student checkpoint written by dsutil (it holds something other "
+                             f"than tensors, or is damaged); remove it to train from scratch") from e
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -284,3 +284,14 @@ def test_image_folder_without_train(tmp_path):
     (tmp_path / "val" / "a").mkdir(parents=True)
     with pytest.raises(DatasetError, match="train does not exist"):
         image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+def test_a_damaged_image_names_its_file(folder, damage):
+    path = folder / "val" / "dog" / "z.png"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"just some text, not a PNG")
+    test = image_folder(folder).test
+    index = [p.name for p in test.files].index("z.png")
+    with pytest.raises(DatasetError, match="cannot read image .*val/dog/z.png"):
+        test[index]

@@ -388,3 +388,22 @@ def test_a_copied_run_trains_students_from_its_own_images(run, make_store, tmp_p
     (copy / "recover" / f"real-ipc{IPC}" / "images.safetensors").unlink()  # the copy's images, not the original's
     with pytest.raises(FileNotFoundError, match=str(copy)):
         train_student(copy, store, StudentConfig(**STUDENT, epochs=1), tmp_path / "s2", device="cpu", progress=False)
+
+
+def test_a_crafted_checkpoint_is_refused_unexecuted_with_its_name(run, make_store, tmp_path):
+    store = make_store(epochs=3, batch_size=16)
+    out = tmp_path / "student"
+    out.mkdir()
+    marker = tmp_path / "checkpoint-was-executed"
+    torch.save({"model": _Marker(marker), "epoch": 0}, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="checkpoint.pt is not a student checkpoint") as e:
+        train_student(run, store, StudentConfig(**STUDENT, epochs=1), out, device="cpu", progress=False)
+    assert "weights_only=False" not in str(e.value) and not marker.exists()
+
+
+def test_a_damaged_manifest_names_itself(make_store, tmp_path):
+    store = shutil.copytree(make_store(epochs=3, batch_size=16), tmp_path / "store")
+    text = (store / "manifest.json").read_text()
+    (store / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
+        LabelStore(store)

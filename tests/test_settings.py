@@ -91,3 +91,11 @@ def test_the_stage_commands_refuse_bad_numbers(argv, words, tmp_path, monkeypatc
     assert main(argv) == 2
     assert words in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("text,words", [("recover: {ipc: 3\n", "is not valid YAML"), ("- 1\n- 2\n", "expected a mapping")])
+def test_a_broken_yaml_file_names_itself(text, words, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"broken.yaml.*{words}"):
+        load_config(path)
