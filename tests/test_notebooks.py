@@ -1,8 +1,9 @@
-"""Every notebook runs top to bottom in quick mode, saves its figures, and is committed without outputs.
+"""Every notebook runs top to bottom in quick mode on both presets, saves its figures, shows no warning, and is
+committed without outputs.
 
-The session's quick demo run (``dsutil demo --quick``, the same settings as ``load_config("mnist5k", quick=True)``)
-is copied once for the module and shared by the notebooks through ``DSUTIL_RUN``; each notebook then adds only
-its own small extra work.
+The session's quick runs (``dsutil demo --quick`` and ``dsutil run tiny-imagenet-10 --quick``, the settings of
+``load_config(preset, quick=True)``) are copied once per preset and shared by the notebooks through ``DSUTIL_RUN``;
+each notebook then adds only its own small extra work.
 """
 import os
 import shutil
@@ -30,15 +31,17 @@ def test_committed_notebook_has_no_outputs(path):
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} is saved with outputs"
-    assert nb.cells[1].source.startswith("import os\nQUICK = os.environ.get(\"DSUTIL_QUICK\"")
+    assert nb.cells[1].source.startswith("import os\nPRESET = os.environ.get(\"DSUTIL_PRESET\", \"mnist5k\")")
 
 
-@pytest.fixture(scope="module")
-def quick_env(tmp_path_factory, quick_demo):
-    """A copy of the session's quick demo run (notebooks add to it) and the environment the kernels inherit."""
+@pytest.fixture(scope="module", params=["mnist5k", "tiny-imagenet-10"])
+def quick_env(request, tmp_path_factory):
+    """A copy of the preset's quick run (notebooks add to it) and the environment the kernels inherit."""
+    run = request.getfixturevalue("quick_demo" if request.param == "mnist5k" else "quick_tiny")
     tmp = tmp_path_factory.mktemp("notebooks")
-    shutil.copytree(quick_demo, tmp / "run")
-    env = {"DSUTIL_QUICK": "1", "DSUTIL_RUN": str(tmp / "run"), "DSUTIL_FIGURES": str(tmp / "figures")}
+    shutil.copytree(run, tmp / "run")
+    env = {"DSUTIL_PRESET": request.param, "DSUTIL_QUICK": "1", "DSUTIL_RUN": str(tmp / "run"),
+           "DSUTIL_FIGURES": str(tmp / "figures")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield tmp
@@ -72,3 +75,9 @@ def test_notebook_runs_in_quick_mode(path, quick_env):
     assert os.path.abspath(exe) == os.path.abspath(sys.executable), f"kernel ran {exe}, not {sys.executable}"
     saved = {p: p.stat().st_mtime_ns for p in (quick_env / "figures").glob("*.png")}
     assert any(before.get(p) != t for p, t in saved.items()), f"{path.name} saved no PNG into DSUTIL_FIGURES"
+    preset = os.environ["DSUTIL_PRESET"]
+    if path.stem != "04_label_storage":  # the paper's storage figures belong to no preset
+        assert all(p.name.startswith(f"{preset}_") for p, t in saved.items() if before.get(p) != t)
+    warnings = [o.get("text", "") for cell in nb.cells for o in cell.get("outputs", [])
+                if o.get("name") == "stderr" and "warn" in o.get("text", "").lower()]
+    assert not warnings, f"{path.name} shows warnings: {warnings}"
