@@ -59,12 +59,13 @@ class Stages:
         self.ran.append(name)
         return h
 
-    def seconds_by_kind(self) -> dict[str, float]:
-        """Total seconds per kind of stage (squeeze, recover, relabel, student), as first measured."""
-        out: dict[str, float] = {}
+    def seconds_by_kind(self) -> dict[str, float | None]:
+        """Total seconds per kind of stage (squeeze, recover, relabel, student), as first measured; None
+        where a reused stage recorded no time (made by dsutil before stage times were kept)."""
+        out: dict[str, float | None] = {}
         for name, s in self.seconds.items():
             kind = name.split()[0]
-            out[kind] = out.get(kind, 0.0) + (s or 0.0)
+            out[kind] = None if s is None or (kind in out and out[kind] is None) else out.get(kind, 0.0) + s
         return out
 
 
