@@ -5,7 +5,7 @@ resolved config next to the results, so a run directory says how it was made.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml

@@ -24,7 +24,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # per batch offset (int64), batch id, mix lambda and mix box (4 x int32)
 META_BYTES_PER_IMAGE = 4 + 16 + 1 + 4
 META_BYTES_PER_BATCH = 8 + 4 + 4 + 16
-HEADER_BYTES_PER_FILE = 616  # safetensors header of one epoch file (measured; varies by a few bytes)
+HEADER_BYTES_PER_FILE = 584  # safetensors header of one epoch file, no metadata (measured; varies by a few bytes)
 PRUNE_METRICS = ("random", "order", "entropy-high", "entropy-low", "margin-high", "margin-low")
 
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 import dsutil.data
-from dsutil.data import (SHARED_TINY, TINY_CACHE_VERSION, DatasetError, FolderImages, ImageData, TensorImages,
-                         image_folder, load_dataset, mnist5k, resized, subset, tiny_imagenet, tiny_imagenet_root,
+from dsutil.data import (TINY_CACHE_VERSION, DatasetError, FolderImages, ImageData, TensorImages,
+                         image_folder, load_dataset, mnist5k, resized, subset, tiny_imagenet,
                          tiny_imagenet_val_labels, train_targets)
 
 TINY_CLASSES = 4  # the 4th sorted wnid (n01644900) has greyscale training images; the first three have none
