@@ -6,6 +6,15 @@ import sys
 from pathlib import Path
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows the default of every option, those without a help text too."""
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and not action.required:
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist5k", help="mnist5k, tiny-imagenet, imagefolder, cifar10, cifar100")
     p.add_argument("--data-root", default=None, help="folder of the dataset (not needed for mnist5k)")
@@ -24,9 +33,7 @@ def _load_data(args):
 def cmd_squeeze(args) -> None:
     from .squeeze import TeacherConfig, squeeze
 
-    cfg = TeacherConfig(arch=args.arch, width=args.width, depth=args.depth, epochs=args.epochs,
-                        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                        weight_decay=args.weight_decay, seed=args.seed, pretrained=args.pretrained)
+    cfg = TeacherConfig(**{k: v for k, v in vars(args).items() if k in TeacherConfig.__dataclass_fields__})
     summary = squeeze(_load_data(args), args.out, cfg, device=args.device)
     print(f"teacher {cfg.arch}: test top-1 {summary['test_top1']:.4f} in {summary['seconds']:.1f} s -> {args.out}")
 
@@ -48,8 +55,7 @@ def cmd_relabel(args) -> None:
     from .labels import LabelStore, human_bytes
     from .relabel import RelabelConfig, relabel
 
-    cfg = RelabelConfig(epochs=args.epochs, batch_size=args.batch_size, mix=args.mix, dtype=args.dtype,
-                        prune_ratio=args.prune_ratio, seed=args.seed, flip=args.flip)
+    cfg = RelabelConfig(**{k: v for k, v in vars(args).items() if k in RelabelConfig.__dataclass_fields__})
     store = relabel(args.run, args.images, cfg, out=args.out, device=args.device)
     print(f"label store {store}: {human_bytes(LabelStore(store).disk_bytes())} on disk")
 
@@ -114,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsutil", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("squeeze", help="train the teacher and measure class-wise BN statistics")
+    p = sub.add_parser("squeeze", formatter_class=DefaultsHelp, help="train the teacher and measure class-wise BN statistics")
     _add_data_args(p)
     p.add_argument("--out", required=True, type=Path, help="run directory")
     d = TeacherConfig()
@@ -126,13 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adamw"])
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--shift", type=int, default=d.shift, help="largest random translation, pixels")
     p.add_argument("--pretrained", action="store_true", help="start from cached torchvision weights")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the mnist5k train/test split")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.set_defaults(func=cmd_squeeze)
 
-    p = sub.add_parser("recover", help="synthesise IPC images per class by BN matching (or pick real ones)")
+    p = sub.add_parser("recover", formatter_class=DefaultsHelp, help="synthesise IPC images per class by BN matching (or pick real ones)")
     r = RecoverConfig()
     p.add_argument("--run", required=True, type=Path, help="run directory with squeeze outputs")
     p.add_argument("--method", default=r.method, choices=[*METHODS, REAL])
@@ -144,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-bn-multiplier", type=float, default=r.first_bn_multiplier)
     p.add_argument("--jitter", type=int, default=r.jitter, help="largest random roll, pixels")
     p.add_argument("--crop-scale", type=float, nargs=2, default=r.crop_scale, metavar=("MIN", "MAX"))
-    p.add_argument("--no-flip", dest="flip", action="store_false")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (flip: %(default)s)")
     p.add_argument("--chunk-classes", type=int, default=r.chunk_classes, help="classes per cross-class group")
     p.add_argument("--global-targets", default=r.global_targets, choices=["running", "exact"])
     p.add_argument("--batch-images", type=int, default=r.batch_images, help="images per teacher forward pass")
@@ -156,16 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .relabel import MIXES, RelabelConfig
 
-    p = sub.add_parser("relabel", help="store FKD-style soft labels of augmented crops, with replay recipes")
+    p = sub.add_parser("relabel", formatter_class=DefaultsHelp, help="store FKD-style soft labels of augmented crops, with replay recipes")
     d = RelabelConfig()
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--images", required=True, type=Path, help="a recover folder, e.g. RUN/recover/lpld-ipc10")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--mix", default=d.mix, choices=MIXES)
-    p.add_argument("--no-flip", dest="flip", action="store_false")
+    p.add_argument("--mix-alpha", type=float, default=d.mix_alpha, help="Beta(alpha, alpha) of CutMix/MixUp")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale, metavar=("MIN", "MAX"))
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (flip: %(default)s)")
     p.add_argument("--dtype", default=d.dtype, choices=["fp16", "bf16", "fp32"])
-    p.add_argument("--prune-ratio", type=float, default=0.0, help="generate only a random 1 - r of the batches")
+    p.add_argument("--prune-ratio", type=float, default=d.prune_ratio,
+                   help="generate only a random 1 - r of the batches")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=None, help="store folder (default RUN/labels/<name>)")
     p.add_argument("--device", default="auto")
@@ -174,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .labels import PRUNE_METRICS
     from .train import StudentConfig
 
-    p = sub.add_parser("train", help="train a student on a label store and evaluate it on real test images")
+    p = sub.add_parser("train", formatter_class=DefaultsHelp, help="train a student on a label store and evaluate it on real test images")
     d = StudentConfig()
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--labels", required=True, type=Path, help="label store folder")
@@ -198,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     for name in ("run", "demo"):
-        p = sub.add_parser(name, help="the MNIST-5k demo: every stage, a table and figures" if name == "demo"
+        p = sub.add_parser(name, formatter_class=DefaultsHelp, help="the MNIST-5k demo: every stage, a table and figures" if name == "demo"
                            else "every stage of an experiment preset, reusing finished stages")
         if name == "run":
             from .config import PRESETS
@@ -213,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "student.epochs=50 (repeatable)")
         p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("labels", help="label storage tools")
+    p = sub.add_parser("labels", formatter_class=DefaultsHelp, help="label storage tools")
     lsub = p.add_subparsers(dest="labels_command", required=True)
-    q = lsub.add_parser("size", help="storage of a label setting (the paper's formula plus replay metadata)")
+    q = lsub.add_parser("size", formatter_class=DefaultsHelp, help="storage of a label setting (the paper's formula plus replay metadata)")
     q.add_argument("--classes", type=int, required=True)
     q.add_argument("--ipc", type=int, required=True)
     q.add_argument("--epochs", type=int, required=True)

@@ -99,3 +99,28 @@ def test_a_broken_yaml_file_names_itself(text, words, tmp_path):
     path.write_text(text)
     with pytest.raises(ValueError, match=f"broken.yaml.*{words}"):
         load_config(path)
+
+
+@pytest.mark.parametrize("command,cls", [("squeeze", "TeacherConfig"), ("recover", "RecoverConfig"),
+                                         ("relabel", "RelabelConfig"), ("train", "StudentConfig")])
+def test_every_setting_of_a_stage_has_its_flag_and_help_shows_its_default(command, cls, capsys):
+    import dataclasses
+
+    import dsutil.recover
+    import dsutil.relabel
+    import dsutil.squeeze
+    import dsutil.train
+    from dsutil.cli import build_parser
+
+    config = next(getattr(m, cls) for m in (dsutil.squeeze, dsutil.recover, dsutil.relabel, dsutil.train)
+                  if hasattr(m, cls))
+    parser = build_parser()
+    stage = parser._subparsers._group_actions[0].choices[command]
+    dests = {a.dest for a in stage._actions}
+    assert {f.name for f in dataclasses.fields(config)} <= dests, f"{command} lacks flags for some {cls} fields"
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for a in stage._actions:
+        if a.option_strings and not a.required and a.dest != "help":
+            assert f"(default: {a.default})" in text or f"{a.dest.split('_')[0]}: {a.default}" in text, a.dest
