@@ -76,7 +76,7 @@ def load_tensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], di
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        meta = meta[METADATA_KEY] if set(meta) == {METADATA_KEY} else meta  # else: a file from dsutil < 0.2
+        meta = meta[METADATA_KEY] if set(meta) == {METADATA_KEY} else meta  # else: an older file, one entry per key
         return load_file(str(path), device=str(device)), meta
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
