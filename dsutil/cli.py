@@ -56,7 +56,7 @@ def cmd_relabel(args) -> None:
     from .relabel import RelabelConfig, relabel
 
     cfg = RelabelConfig(**{k: v for k, v in vars(args).items() if k in RelabelConfig.__dataclass_fields__})
-    store = relabel(args.run, args.images, cfg, out=args.out, device=args.device)
+    store = relabel(args.run, args.images, cfg, out=args.out, device=args.device, restart=args.restart)
     print(f"label store {store}: {human_bytes(LabelStore(store).disk_bytes())} on disk")
 
 
@@ -66,7 +66,8 @@ def cmd_train(args) -> None:
     cfg = StudentConfig(**{k: v for k, v in vars(args).items() if k in StudentConfig.__dataclass_fields__})
     name = f"{Path(args.labels).name}-{cfg.arch}-r{cfg.prune_ratio:g}-{cfg.metric}-{cfg.granularity}"
     out = args.out or Path(args.run) / "students" / (name + ("-online" if cfg.online else ""))
-    result = train_student(args.run, args.labels, cfg, out, device=args.device)
+    result = train_student(args.run, args.labels, cfg, out, device=args.device, restart=args.restart,
+                           keep_checkpoint=args.keep_checkpoint)
     print(f"student {cfg.arch}: test top-1 {result['test_top1']:.4f} with {result['label_bytes']} label bytes "
           f"-> {out}")
 
@@ -104,6 +105,12 @@ def cmd_run(args) -> None:
 
     cfg = load_config(args.config, _parse_sets(args.set), quick=args.quick)
     out = args.out or Path("runs") / (cfg.name + ("-quick" if args.quick else ""))
+    if args.command == "frontier":
+        from .frontier import frontier_table, run_frontier
+
+        print(frontier_table(run_frontier(cfg, out)))
+        print(f"frontier: {out / 'frontier.json'}")
+        return
     summary = run_experiment(cfg, out)
     print(summary_table(summary))
     if args.quick:
@@ -161,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_recover)
 
+    from .labels import TOPK_FILLS
     from .relabel import MIXES, RelabelConfig
 
     p = sub.add_parser("relabel", formatter_class=DefaultsHelp, help="store FKD-style soft labels of augmented crops, with replay recipes")
@@ -176,13 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=d.dtype, choices=["fp16", "bf16", "fp32"])
     p.add_argument("--prune-ratio", type=float, default=d.prune_ratio,
                    help="generate only a random 1 - r of the batches")
+    p.add_argument("--topk", type=int, default=d.topk, help="store only the K largest logits of every label")
+    p.add_argument("--topk-fill", default=d.topk_fill, choices=TOPK_FILLS,
+                   help="rebuild the other classes with the label's minimum logit (LPQLD) or with their "
+                        "probability mass at T=1 spread evenly")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=None, help="store folder (default RUN/labels/<name>)")
+    p.add_argument("--restart", action="store_true", help="relabel from scratch in an --out that holds another store")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_relabel)
 
     from .labels import PRUNE_METRICS
-    from .train import StudentConfig
+    from .train import SCHEDULES, StudentConfig
 
     p = sub.add_parser("train", formatter_class=DefaultsHelp, help="train a student on a label store and evaluate it on real test images")
     d = StudentConfig()
@@ -190,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, type=Path, help="label store folder")
     p.add_argument("--prune-ratio", type=float, default=d.prune_ratio)
     p.add_argument("--metric", default=d.metric, choices=PRUNE_METRICS)
+    p.add_argument("--scores-from", default=d.scores_from, metavar="STUDENT_DIR",
+                   help="a trained student whose dynamics.safetensors scores el2n/aum/forgetting pruning")
     p.add_argument("--granularity", default=d.granularity, choices=["batch", "epoch"])
     p.add_argument("--student", dest="arch", default=d.arch)
     p.add_argument("--width", type=int, default=d.width)
@@ -198,19 +213,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--kl-times-t2", action="store_true")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="on the stored logits; a schedule's start")
+    p.add_argument("--temperature-schedule", default=d.temperature_schedule, choices=SCHEDULES,
+                   help="step: x gamma every step-epochs; cosine: down to --temperature-min at the last epoch")
+    p.add_argument("--temperature-step-epochs", type=int, default=d.temperature_step_epochs)
+    p.add_argument("--temperature-gamma", type=float, default=d.temperature_gamma)
+    p.add_argument("--temperature-min", type=float, default=d.temperature_min)
+    p.add_argument("--student-temperature", type=float, default=d.student_temperature,
+                   help="a fixed student temperature (default: --temperature-ratio x the teacher-side one)")
+    p.add_argument("--temperature-ratio", type=float, default=d.temperature_ratio)
+    p.add_argument("--kl-times-t2", action="store_true", help="multiply the KL by the student temperature squared")
+    p.add_argument("--hard-epochs", type=float, default=d.hard_epochs,
+                   help="fraction of the epochs, the last ones, on hard labels with fresh crops")
+    p.add_argument("--hard-weight", type=float, default=d.hard_weight,
+                   help="in soft epochs: loss = (1 - w) KL + w cross-entropy on hard labels")
     p.add_argument("--online", action="store_true", help="label each batch with the teacher on the fly")
+    p.add_argument("--restart", action="store_true", help="train from scratch in an --out that holds another run")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after training finishes")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_train)
 
-    for name in ("run", "demo"):
-        p = sub.add_parser(name, formatter_class=DefaultsHelp, help="the MNIST-5k demo: every stage, a table and figures" if name == "demo"
-                           else "every stage of an experiment preset, reusing finished stages")
-        if name == "run":
+    helps = {"demo": "the MNIST-5k demo: every stage, a table and figures",
+             "run": "every stage of an experiment preset, reusing finished stages",
+             "frontier": "the preset's frontier: section, label bytes against accuracy beyond pruning"}
+    for name in ("run", "demo", "frontier"):
+        p = sub.add_parser(name, formatter_class=DefaultsHelp, help=helps[name])
+        if name != "demo":
             from .config import PRESETS
 
             names = ", ".join(sorted(q.stem for q in PRESETS.glob("*.yaml")))

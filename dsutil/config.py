@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from .frontier import FrontierConfig
 from .recover import METHODS, REAL, RecoverConfig
 from .labels import PRUNE_METRICS
 from .relabel import RelabelConfig
@@ -60,6 +61,7 @@ class ExperimentConfig:
     prune_metrics: list[str] = field(default_factory=lambda: ["random"])
     seeds: list[int] | None = None  # student seeds: each student is trained once per seed (None: student.seed)
     device: str = "auto"
+    frontier: FrontierConfig | None = None  # `dsutil frontier`: label budgets beyond pruning (dsutil.frontier)
 
     def recover_config(self, method: str) -> RecoverConfig:
         base = asdict(self.recover) | self.method_overrides.get(method, {}) | {"method": method}
@@ -78,6 +80,9 @@ class ExperimentConfig:
             one_of("prune_metrics", metric, PRUNE_METRICS)
         require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device,
                 "auto, cpu, cuda or cuda:N")
+        for method in self.frontier.methods if self.frontier else []:
+            require(method in self.methods and method != REAL, "frontier.methods", method,
+                    f"distilled methods of the preset ({', '.join(m for m in self.methods if m != REAL)})")
         require(self.teacher.epochs > 0 or self.teacher.pretrained or self.teacher_checkpoint is not None,
                 "teacher.epochs", self.teacher.epochs, "1 or more, unless teacher.pretrained or teacher_checkpoint")
 
@@ -95,9 +100,9 @@ def from_dict(d: dict, where: str = "config") -> ExperimentConfig:
     """An experiment from nested settings, every value typed and checked (:func:`dsutil.settings.build`)."""
     d = dict(d)
     sections = {"data": DataConfig, "teacher": TeacherConfig, "recover": RecoverConfig,
-                "relabel": RelabelConfig, "student": StudentConfig}
+                "relabel": RelabelConfig, "student": StudentConfig, "frontier": FrontierConfig}
     for key, cls in sections.items():
-        if key in d:
+        if d.get(key) is not None:
             d[key] = build(cls, d[key], f"{where}: {key}")
     return build(ExperimentConfig, d, where)
 

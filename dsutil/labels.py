@@ -25,7 +25,11 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 META_BYTES_PER_IMAGE = 4 + 16 + 1 + 4
 META_BYTES_PER_BATCH = 8 + 4 + 4 + 16
 HEADER_BYTES_PER_FILE = 584  # safetensors header of one epoch file, no metadata (measured; varies by a few bytes)
-PRUNE_METRICS = ("random", "order", "entropy-high", "entropy-low", "margin-high", "margin-low")
+HEADER_BYTES_PER_TOPK_FILE = 728  # the same with top-k labels (three tensors in place of the logits)
+PRUNE_METRICS = ("random", "order", "entropy-high", "entropy-low", "margin-high", "margin-low",
+                 "el2n-high", "el2n-low", "aum-high", "aum-low", "forgetting-high", "forgetting-low")
+DYNAMICS_METRICS = tuple(m for m in PRUNE_METRICS if m.split("-")[0] in ("el2n", "aum", "forgetting"))
+TOPK_FILLS = ("min", "mass")
 
 
 class LabelStoreError(ValueError):
@@ -50,26 +54,64 @@ def storage_bytes(classes: int, ipc: int, epochs: int, batch_size: int = 1024, p
                   dtype: str = "fp16", topk: int | None = None, metadata: bool = True) -> int:
     """Bytes of a label store: E x N x C x bytes x (1 - r), plus replay metadata.
 
-    With ``topk`` only the K largest logits and their int16/int32 class index are kept.
+    With ``topk`` a label is its K largest logits, their class indices and one fill value.
     """
     check_prune_ratio(prune_ratio)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     for name, value in (("classes", classes), ("ipc", ipc), ("epochs", epochs), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name}={value}: expected a positive integer")
-    if topk is not None and not 1 <= topk <= classes:
-        raise ValueError(f"topk={topk}: expected 1 to the number of classes ({classes})")
     n = classes * ipc
-    per_value = DTYPES[dtype].itemsize
-    per_image = classes * per_value if topk is None else topk * (per_value + (2 if classes < 2**15 else 4))
+    per_image = label_bytes(classes, dtype, topk)
     batches = epochs * math.ceil(n / batch_size)
     kept = max(1, round(batches * (1 - prune_ratio)))
     images = kept * n * epochs / batches  # labelled images in the kept batches (on average)
     files = min(epochs, kept)
-    meta = images * META_BYTES_PER_IMAGE + kept * META_BYTES_PER_BATCH + files * HEADER_BYTES_PER_FILE \
+    meta = images * META_BYTES_PER_IMAGE + kept * META_BYTES_PER_BATCH + files * (HEADER_BYTES_PER_FILE if topk is None else HEADER_BYTES_PER_TOPK_FILE) \
         if metadata else 0
     return round(images * per_image + meta)
+
+
+def index_dtype(classes: int) -> torch.dtype:
+    """The smallest integer type that holds every class index."""
+    return torch.int16 if classes <= 2**15 else torch.int32
+
+
+def label_bytes(classes: int, dtype: str, topk: int | None = None) -> int:
+    """Bytes of one stored label: C logits, or K logits + K class indices + 1 fill value."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    per_value = DTYPES[dtype].itemsize
+    if topk is None:
+        return classes * per_value
+    if not 1 <= topk <= classes:
+        raise ValueError(f"topk={topk}: expected 1 to the number of classes ({classes})")
+    return topk * (per_value + index_dtype(classes).itemsize) + per_value
+
+
+def topk_compress(logits: torch.Tensor, k: int, fill: str = "min") -> dict[str, torch.Tensor]:
+    """The K largest logits of every row, their class indices, and the value the others are rebuilt with.
+
+    ``min`` (LPQLD's rebuild): the row's smallest logit. ``mass``: the value that gives the other
+    C - K classes, equally, exactly the probability mass they had at temperature 1.
+    """
+    if fill not in TOPK_FILLS:
+        raise ValueError(f"topk fill must be one of {', '.join(TOPK_FILLS)}, got {fill!r}")
+    n, c = logits.shape
+    values, index = logits.float().topk(k, 1)
+    if k == c:
+        rest = values[:, -1]
+    elif fill == "min":
+        rest = logits.float().min(1).values
+    else:
+        outside = logits.float().scatter(1, index, float("-inf"))
+        rest = outside.logsumexp(1) - math.log(c - k)
+    return {"topk_values": values, "topk_index": index.to(index_dtype(c)), "topk_fill": rest}
+
+
+def topk_expand(values: torch.Tensor, index: torch.Tensor, fill: torch.Tensor, classes: int) -> torch.Tensor:
+    """Full logit rows from :func:`topk_compress`'s parts: the stored logits in place, ``fill`` elsewhere."""
+    out = fill.float()[:, None].expand(len(values), classes).clone()
+    return out.scatter(1, index.long(), values.float())
 
 
 def human_bytes(n: float) -> str:
@@ -94,12 +136,16 @@ class BatchRecord:
     logits: torch.Tensor | None = None
 
 
-def write_epoch(path, records: list[BatchRecord], num_classes: int, dtype: str) -> None:
-    """Write the kept batches of one epoch as one safetensors file (atomically)."""
+def write_epoch(path, records: list[BatchRecord], num_classes: int, dtype: str, topk: int | None = None,
+                topk_fill: str = "min") -> None:
+    """Write the kept batches of one epoch as one safetensors file (atomically); with ``topk``, only
+    the parts :func:`topk_compress` keeps of every label."""
     from .files import save_tensors
 
     sizes = torch.tensor([len(r.index) for r in records], dtype=torch.long)
     logits = torch.cat([r.logits for r in records]) if records else torch.zeros(0, num_classes)
+    labels = {"logits": logits} if topk is None else topk_compress(logits, topk, topk_fill)
+    labels = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in labels.items()}
     save_tensors(path, {
         "offsets": torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]),
         "batch_ids": torch.tensor([r.batch for r in records], dtype=torch.int32),
@@ -109,8 +155,7 @@ def write_epoch(path, records: list[BatchRecord], num_classes: int, dtype: str) 
         "mix_perm": torch.cat([r.mix_perm for r in records]).int(),
         "mix_lam": torch.tensor([r.mix_lam for r in records], dtype=torch.float32),
         "mix_box": torch.stack([r.mix_box for r in records]).int(),
-        "logits": logits.to(DTYPES[dtype]),
-    })
+    } | labels)
 
 
 class LabelStore:
@@ -126,6 +171,7 @@ class LabelStore:
             raise LabelStoreError(f"{self.path}: format version {self.manifest.get('format_version')}, "
                                   f"this dsutil reads {FORMAT_VERSION}")
         self.present = {int(e): ids for e, ids in self.manifest["present"].items()}
+        self.topk = self.manifest.get("topk")  # None: full logits are stored
         self._handles: dict[int, object] = {}
         self._offsets: dict[int, dict[int, tuple[int, int]]] = {}
 
@@ -152,8 +198,12 @@ class LabelStore:
         for e in sorted(self.present):
             handle = self._open(e)
             n = handle.get_slice("index").get_shape()[0]
-            if handle.get_slice("logits").get_shape() != [n, self.num_classes]:
-                raise LabelStoreError(f"{self.epoch_path(e)} holds logits of the wrong shape")
+            shapes = {"logits": [n, self.num_classes]} if self.topk is None else \
+                {"topk_values": [n, self.topk], "topk_index": [n, self.topk], "topk_fill": [n]}
+            for name, shape in shapes.items():
+                if name not in handle.keys() or handle.get_slice(name).get_shape() != shape:
+                    raise LabelStoreError(f"{self.epoch_path(e)} has no {name} of shape {shape}, as the manifest "
+                                          f"(topk={self.topk}, {self.num_classes} classes) says it should")
 
     def _open(self, epoch: int):
         if epoch not in self._handles:
@@ -183,18 +233,35 @@ class LabelStore:
             get = lambda name: h.get_slice(name)[lo:hi]  # noqa: E731
             return BatchRecord(epoch, batch, get("index").long(), get("boxes").long(), get("flips").bool(),
                                get("mix_perm").long(), float(h.get_slice("mix_lam")[k:k + 1][0]),
-                               h.get_slice("mix_box")[k:k + 1][0].long(), get("logits").float())
+                               h.get_slice("mix_box")[k:k + 1][0].long(), self._logits(get))
         except Exception as e:
             raise LabelStoreError(f"{self.epoch_path(epoch)} could not be read ({e}); is it truncated?") from e
 
-    def batch_scores(self, metric: str) -> dict[tuple[int, int], float]:
-        """Mean entropy or margin of the teacher's distribution per stored batch."""
+    def _logits(self, get) -> torch.Tensor:
+        """Full float logits from a getter of stored tensors (a slice of rows, or a whole epoch)."""
+        if self.topk is None:
+            return get("logits").float()
+        return topk_expand(get("topk_values"), get("topk_index"), get("topk_fill"), self.num_classes)
+
+    def batch_scores(self, metric: str, image_scores: dict[str, torch.Tensor] | None = None
+                     ) -> dict[tuple[int, int], float]:
+        """Per stored batch: the mean entropy or margin of the teacher's distributions, or the mean over its
+        images of a training-dynamics score (``image_scores``, from :mod:`dsutil.dynamics`)."""
         kind = metric.split("-")[0]
         out = {}
         for e in sorted(self.present):
             h = self._open(e)
-            logits = h.get_tensor("logits").float()
-            p = logits.softmax(1)
+            if metric in DYNAMICS_METRICS:
+                if image_scores is None:
+                    raise ValueError(f"pruning by {metric} needs a student's training dynamics (scores_from)")
+                s = image_scores[kind].double()[h.get_tensor("index").long()]
+                if s.isnan().any():
+                    raise ValueError(f"the {kind} scores miss images of {self.path}: were they recorded on "
+                                     "these images, by a student that trained on soft labels?")
+                for b, (lo, hi) in self._offsets[e].items():
+                    out[(e, b)] = float(s[lo:hi].mean())
+                continue
+            p = self._logits(h.get_tensor).softmax(1)
             if kind == "entropy":
                 s = -(p * p.clamp_min(1e-12).log()).sum(1)
             elif kind == "margin":
@@ -207,13 +274,13 @@ class LabelStore:
         return out
 
     def kept_bytes(self, kept: list[tuple[int, int]]) -> int:
-        """Bytes the kept batches take in this format: logits plus replay metadata."""
-        per_value = DTYPES[self.manifest["dtype"]].itemsize
+        """Bytes the kept batches take in this format: labels plus replay metadata."""
+        per_image = label_bytes(self.num_classes, self.manifest["dtype"], self.topk) + META_BYTES_PER_IMAGE
         total = 0
         for e, b in kept:
             self._open(e)
             lo, hi = self._offsets[e][b]
-            total += (hi - lo) * (self.num_classes * per_value + META_BYTES_PER_IMAGE) + META_BYTES_PER_BATCH
+            total += (hi - lo) * per_image + META_BYTES_PER_BATCH
         return total
 
     def disk_bytes(self) -> int:
@@ -221,8 +288,9 @@ class LabelStore:
 
 
 def select_batches(store: LabelStore, prune_ratio: float, metric: str = "random", granularity: str = "batch",
-                   seed: int = 0) -> list[tuple[int, int]]:
-    """The (epoch, batch) pairs kept at ``prune_ratio``: 1 - r of the batches, or of whole epochs."""
+                   seed: int = 0, image_scores: dict[str, torch.Tensor] | None = None) -> list[tuple[int, int]]:
+    """The (epoch, batch) pairs kept at ``prune_ratio``: 1 - r of the batches, or of whole epochs;
+    ``-high`` keeps the highest-scoring units, ``-low`` the lowest."""
     check_prune_ratio(prune_ratio)
     if metric not in PRUNE_METRICS:
         raise ValueError(f"unknown pruning metric {metric!r}; expected one of {', '.join(PRUNE_METRICS)}")
@@ -240,7 +308,7 @@ def select_batches(store: LabelStore, prune_ratio: float, metric: str = "random"
     elif metric == "order":
         order = list(range(len(units)))
     else:
-        scores = store.batch_scores(metric)
+        scores = store.batch_scores(metric, image_scores)
         unit_score = [sum(scores[k] for k in u) / len(u) for u in units]
         order = sorted(range(len(units)), key=lambda i: unit_score[i], reverse=metric.endswith("-high"))
     return sorted(k for i in order[:keep] for k in units[i])

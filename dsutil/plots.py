@@ -324,3 +324,32 @@ def bn_gap_figure(gaps: dict[str, torch.Tensor], layers: list[str], classes: lis
     fig.suptitle(title, y=1.06)
     fig.tight_layout()
     return fig
+
+
+def frontier_plot(result: dict, method: str):
+    """Top-1 against label bytes for every frontier setting of one method: pruning alone as a line, the other
+    settings as points (marker: policy; filled: top-k), the Pareto frontier as a step line."""
+    theme()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    points = [p for p in result["points"] if p["method"] == method]
+    markers = dict(zip(result["frontier"]["policies"], "os^vDP*X"))
+    curve = sorted((p for p in points if p["topk"] is None and p["policy"] == "constant"), key=lambda p: p["label_bytes"])
+    ax.errorbar([p["label_bytes"] / 2**10 for p in curve], [p["test_top1"] * 100 for p in curve],
+                yerr=[(p.get("test_top1_std") or 0) * 100 for p in curve], fmt="-", color="#7f7f7f", capsize=3,
+                label="pruning alone (all logits, constant T)", zorder=1)
+    for p in points:
+        ax.scatter(p["label_bytes"] / 2**10, p["test_top1"] * 100, marker=markers[p["policy"]], s=40, zorder=2,
+                   facecolors=METHOD_COLORS.get(method) if p["topk"] else "white", edgecolors=METHOD_COLORS.get(method))
+    front = result["pareto"][method]
+    ax.step([p["label_bytes"] / 2**10 for p in front], [p["test_top1"] * 100 for p in front], where="post",
+            color="black", lw=1.2, ls="--", label="Pareto frontier", zorder=3)
+    for name, m in markers.items():
+        ax.scatter([], [], marker=m, facecolors="white", edgecolors="black", label=f"policy: {name}")
+    ax.scatter([], [], marker="o", color=METHOD_COLORS.get(method), label="filled: top-k labels")
+    ax.set_xscale("log")
+    ax.set_xlabel("stored soft labels incl. replay metadata (KiB, log scale)")
+    seeds = result["frontier"]["seeds"]
+    ax.set_ylabel("student test top-1 (%)" + (f"\nmean over {len(seeds)} seeds" if len(seeds) > 1 else ""))
+    ax.set_title(f"{result['name']}, {METHOD_NAMES.get(method, method)}: label bytes against accuracy")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig

@@ -9,6 +9,7 @@ the teacher saw, whatever the sampler, image count or PyTorch version.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,12 +20,13 @@ from tqdm.auto import tqdm
 
 from .augment import rrc_boxes
 from .files import json_ready, read_json, write_json
-from .labels import DTYPES, FORMAT_VERSION, BatchRecord, check_prune_ratio, file_sha256, write_epoch
+from .labels import DTYPES, FORMAT_VERSION, TOPK_FILLS, BatchRecord, check_prune_ratio, file_sha256, write_epoch
 from .recover import load_images, load_squeezed
 from .runtime import derive_seed, resolve_device
-from .settings import check_crop_scale, positive
+from .settings import check_crop_scale, one_of, positive, require
 
 MIXES = ("none", "cutmix", "mixup")
+PENDING = "pending.json"  # a relabel's inputs and settings while its store is unfinished
 
 
 @dataclass
@@ -37,6 +39,8 @@ class RelabelConfig:
     mix_alpha: float = 1.0
     dtype: str = "fp16"
     prune_ratio: float = 0.0  # when > 0, only a random (1 - r) of the batches is ever generated
+    topk: int | None = None  # keep only the K largest logits of every label (None: all of them)
+    topk_fill: str = "min"  # what the other classes are rebuilt with: min (LPQLD) or mass (see labels.topk_compress)
     seed: int = 0
 
     def __post_init__(self):
@@ -50,6 +54,8 @@ class RelabelConfig:
         self.crop_scale = tuple(self.crop_scale)
         check_crop_scale(self.crop_scale)
         positive("mix_alpha", self.mix_alpha)
+        require(self.topk is None or self.topk >= 1, "topk", self.topk, "1 or more (or unset: every logit)")
+        one_of("topk_fill", self.topk_fill, TOPK_FILLS)
 
 
 def epoch_records(num_images: int, image_hw: tuple[int, int], cfg: RelabelConfig, epoch: int) -> list[BatchRecord]:
@@ -122,30 +128,40 @@ def store_dir(run_dir, images_dir, cfg: RelabelConfig) -> Path:
     name = f"{Path(images_dir).name}-e{cfg.epochs}-b{cfg.batch_size}-{cfg.mix}"
     if cfg.prune_ratio:
         name += f"-r{cfg.prune_ratio:g}"
+    if cfg.topk:
+        name += f"-k{cfg.topk}" + ("" if cfg.topk_fill == "min" else f"-{cfg.topk_fill}")
     return Path(run_dir) / "labels" / name
 
 
 @torch.no_grad()
 def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, device: str = "auto",
-            progress: bool = True) -> Path:
+            progress: bool = True, restart: bool = False) -> Path:
     """Label the distilled images in ``images_dir`` with the run's teacher into a label store.
 
-    Epoch files already present are kept, so an interrupted relabel resumes.
+    The inputs and settings go into ``pending.json`` before any epoch file; an interrupted relabel with
+    the same ones resumes, keeping each epoch file that is whole and holds the batches it should. A folder
+    made from other inputs or settings is refused, or cleared with ``restart``. ``manifest.json`` is last.
     """
     dev = resolve_device(device)
     teacher, spec, _, info = load_squeezed(run_dir, dev)
     images, labels, meta = load_images(images_dir)
     if len(meta["classes"]) != spec["num_classes"]:
         raise ValueError(f"{images_dir} has {len(meta['classes'])} classes, the teacher {spec['num_classes']}")
+    require(cfg.topk is None or cfg.topk <= spec["num_classes"], "topk", cfg.topk,
+            f"at most the number of classes ({spec['num_classes']})")
     out = Path(out) if out else store_dir(run_dir, images_dir, cfg)
-    images_sha256 = file_sha256(Path(images_dir) / "images.safetensors")
-    teacher_sha256 = file_sha256(Path(run_dir) / "teacher.safetensors")
-    if (out / "manifest.json").exists():  # epoch files present are reused: only for the same inputs
-        old = read_json(out / "manifest.json")
-        if (old.get("images_sha256"), old.get("teacher_sha256"), json_ready(old.get("settings"))) != \
-                (images_sha256, teacher_sha256, json_ready(asdict(cfg))):
-            raise ValueError(f"{out} holds labels made from other images, teacher or settings; "
-                             "remove it or choose another --out")
+    intent = {"images_sha256": file_sha256(Path(images_dir) / "images.safetensors"),
+              "teacher_sha256": file_sha256(Path(run_dir) / "teacher.safetensors"), "settings": json_ready(asdict(cfg))}
+    for marker in (out / "manifest.json", out / PENDING):  # epoch files present are reused only for the same inputs
+        if marker.exists():
+            old = read_json(marker)
+            if {k: json_ready(old.get(k)) for k in intent} != intent:
+                if not restart:
+                    raise ValueError(f"{out} holds labels made from other images, teacher or settings ({marker.name}); "
+                                     "remove it, choose another --out, or pass --restart")
+                shutil.rmtree(out)
+            break
+    write_json(out / PENDING, intent)  # before any epoch file: a killed run's files say what they were made for
     start = time.time()
     n, hw = len(images), tuple(images.shape[-2:])
     per_epoch = math.ceil(n / cfg.batch_size)
@@ -159,20 +175,37 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
         records = [r for r in epoch_records(n, hw, cfg, epoch) if epoch * per_epoch + r.batch in keep]
         present[epoch] = [r.batch for r in records]
         path = out / f"epoch{epoch:05d}.safetensors"
-        if path.exists() or not records:
+        if not records or _holds(path, records):
             continue
         for r in records:
             r.logits = teacher(replay(images, r).to(dev)).float().cpu()
-        write_epoch(path, records, spec["num_classes"], cfg.dtype)
+        write_epoch(path, records, spec["num_classes"], cfg.dtype, cfg.topk, cfg.topk_fill)
     present = {e: b for e, b in present.items() if b}
     manifest = {"format_version": FORMAT_VERSION, "classes": meta["classes"], "teacher": spec,
-                "teacher_sha256": teacher_sha256,
+                "teacher_sha256": intent["teacher_sha256"],
                 "images": _relative_to(Path(images_dir) / "images.safetensors", run_dir),
-                "images_sha256": images_sha256,
+                "images_sha256": intent["images_sha256"],
                 "num_images": n, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                "batches_per_epoch": per_epoch, "dtype": cfg.dtype,
+                "batches_per_epoch": per_epoch, "dtype": cfg.dtype, "topk": cfg.topk, "topk_fill": cfg.topk_fill,
                 "augmentation": {"crop_scale": cfg.crop_scale, "flip": cfg.flip, "mix": cfg.mix,
                                  "mix_alpha": cfg.mix_alpha},
                 "settings": asdict(cfg), "present": present, "seconds": time.time() - start}
-    write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)  # last: the store is complete
+    (out / PENDING).unlink()
     return out
+
+
+def _holds(path: Path, records: list[BatchRecord]) -> bool:
+    """Whether an epoch file left by an earlier run is whole and holds exactly these batches of these images."""
+    if not path.exists():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("batch_ids").tolist() == [r.batch for r in records] and \
+                torch.equal(f.get_tensor("index").long(), torch.cat([r.index for r in records])) and \
+                all(f.get_slice(name).get_shape()[0] == sum(len(r.index) for r in records)
+                    for name in f.keys() if name in ("logits", "topk_values", "topk_index", "topk_fill"))
+    except Exception:  # truncated, damaged or not safetensors: made again
+        return False

@@ -19,7 +19,7 @@ import torch
 from .analysis import within_class_cosine
 from .config import ExperimentConfig
 from .files import json_ready, read_json, write_json
-from .labels import LabelStore
+from .labels import DYNAMICS_METRICS, LabelStore
 from .models import penultimate_features
 from .recover import load_images, load_squeezed, recover, recover_dir
 from .relabel import relabel
@@ -27,8 +27,16 @@ from .squeeze import squeeze
 from .train import train_student
 
 
-def settings_hash(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# Settings added after runs were made, with their defaults: left out of a stage's hash while at the default
+# (which gives the results of before), so that adding a setting does not redo every finished stage.
+ADDED_LATER = {"topk": None, "topk_fill": "min", "temperature_schedule": "constant", "temperature_step_epochs": 30,
+               "temperature_gamma": 0.7, "temperature_min": 1.0, "student_temperature": None,
+               "temperature_ratio": 1.0, "hard_epochs": 0.0, "hard_weight": 0.0, "scores_from": None}
+
+
+def settings_hash(settings: dict, upstream: list[str]) -> str:
+    kept = {k: v for k, v in settings.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
+    return hashlib.sha256(json.dumps((kept, upstream), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Stages:
@@ -88,9 +96,7 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
     for method in cfg.methods:
         rcfg = cfg.recover_config(method)
         rdir = ensure_recover(out, rcfg, cfg.device, progress, stages)
-        store = label_store_dir(out, method, rcfg.ipc)
-        stages(f"relabel {method}", store / "stage.json", asdict(cfg.relabel), [stage_hash(rdir)],
-               lambda: relabel(out, rdir, cfg.relabel, out=store, device=cfg.device, progress=progress), clear=store)
+        store = ensure_labels(out, method, rcfg.ipc, cfg.relabel, cfg.device, progress, stages)
         images, labels, _ = load_images(rdir)
         students = []
         for metric in cfg.prune_metrics:
@@ -167,8 +173,19 @@ def stage_hash(folder) -> str:
     return read_json(marker)["hash"]
 
 
-def label_store_dir(run_dir, method: str, ipc: int) -> Path:
-    return Path(run_dir) / "labels" / f"{method}-ipc{ipc}"
+def label_store_dir(run_dir, method: str, ipc: int, topk: int | None = None) -> Path:
+    return Path(run_dir) / "labels" / (f"{method}-ipc{ipc}" + (f"-k{topk}" if topk else ""))
+
+
+def ensure_labels(run_dir, method: str, ipc: int, lcfg, device: str = "auto", progress: bool = True,
+                  stages: Stages | None = None) -> Path:
+    """The label store of ``method``'s images made with relabel settings ``lcfg`` (relabelled when missing
+    or made with other settings or images)."""
+    run_dir, stages = Path(run_dir), stages or Stages(progress)
+    rdir, store = recover_dir(run_dir, method, ipc), label_store_dir(run_dir, method, ipc, lcfg.topk)
+    stages(f"relabel {store.name}", store / "stage.json", asdict(lcfg), [stage_hash(rdir)],
+           lambda: relabel(run_dir, rdir, lcfg, out=store, device=device, progress=progress), clear=store)
+    return store
 
 
 def ensure_recover(run_dir, rcfg, device: str = "auto", progress: bool = True, stages: Stages | None = None) -> Path:
@@ -191,12 +208,17 @@ def student_name(method: str, ipc: int, scfg) -> str:
 
 
 def ensure_student(run_dir, method: str, scfg, ipc: int, device: str = "auto", data=None, progress: bool = True,
-                   stages: Stages | None = None) -> dict:
-    """``train.json`` (plus ``dir``) of a student on the run's label store of ``method``: reused when it was
-    trained with these settings on the current labels, else trained now."""
+                   stages: Stages | None = None, store: Path | None = None, folder: Path | None = None) -> dict:
+    """``train.json`` (plus ``dir``) of a student on the run's label store of ``method`` (or ``store``):
+    reused when it was trained with these settings on the current labels, else trained now. Pruning by
+    training dynamics first ensures the full-label student of the same settings and takes its scores."""
     run_dir, stages = Path(run_dir), stages or Stages(progress)
-    store = label_store_dir(run_dir, method, ipc)
-    sdir = run_dir / "students" / student_name(method, ipc, scfg)
+    if scfg.metric in DYNAMICS_METRICS and scfg.scores_from is None:
+        full = replace(scfg, prune_ratio=0.0, metric="random")
+        reference = ensure_student(run_dir, method, full, ipc, device, data, progress, stages, store)
+        scfg = replace(scfg, scores_from=reference["dir"])
+    store = store or label_store_dir(run_dir, method, ipc)
+    sdir = folder or run_dir / "students" / student_name(method, ipc, scfg)
     stages(f"student {sdir.name}", sdir / "stage.json", asdict(scfg), [stage_hash(store)],
            lambda: train_student(run_dir, store, scfg, sdir, device, progress=False, data=data), clear=sdir)
     return read_json(sdir / "train.json") | {"dir": str(sdir)}

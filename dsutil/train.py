@@ -1,6 +1,8 @@
 """Student training on stored soft labels, and evaluation on real held-out data."""
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,12 +14,16 @@ from tqdm.auto import tqdm
 
 from .data import ImageData
 from .evaluate import evaluate
-from .files import atomic_path, save_model, write_json
-from .labels import PRUNE_METRICS, LabelStore, LabelStoreError, check_prune_ratio, select_batches
+from .dynamics import Dynamics, load_scores
+from .files import atomic_path, read_json, save_model, save_tensors, write_json
+from .labels import DYNAMICS_METRICS, PRUNE_METRICS, LabelStore, LabelStoreError, check_prune_ratio, file_sha256, select_batches
 from .models import build_model
 from .relabel import replay
 from .runtime import loader_workers, resolve_device
 from .settings import non_negative, one_of, positive, require
+
+
+SCHEDULES = ("constant", "step", "cosine")
 
 
 @dataclass
@@ -29,10 +35,19 @@ class StudentConfig:
     optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.01
-    temperature: float = 4.0
-    kl_times_t2: bool = False
+    temperature: float = 4.0  # applied to the stored (teacher) logits; the start of a schedule
+    temperature_schedule: str = "constant"  # constant, step (x gamma every step_epochs) or cosine (down to min)
+    temperature_step_epochs: int = 30
+    temperature_gamma: float = 0.7
+    temperature_min: float = 1.0
+    student_temperature: float | None = None  # fixed student temperature (None: temperature_ratio x the teacher's)
+    temperature_ratio: float = 1.0  # student temperature = ratio x the teacher-side one, when not fixed
+    kl_times_t2: bool = False  # multiply the KL by the student temperature squared
+    hard_epochs: float = 0.0  # fraction of the epochs, the last ones, trained on hard labels with fresh crops
+    hard_weight: float = 0.0  # in soft epochs, loss = (1 - w) KL + w cross-entropy on the hard labels
     prune_ratio: float = 0.0
     metric: str = "random"
+    scores_from: str | None = None  # a student folder whose dynamics.safetensors scores el2n/aum/forgetting
     granularity: str = "batch"
     online: bool = False  # the teacher labels every batch on the fly; nothing is stored or read
     workers: int = 0
@@ -45,33 +60,65 @@ class StudentConfig:
         one_of("optimizer", self.optimizer, ("adamw", "sgd"))
         one_of("metric", self.metric, PRUNE_METRICS)
         one_of("granularity", self.granularity, ("batch", "epoch"))
+        one_of("temperature_schedule", self.temperature_schedule, SCHEDULES)
         require(self.epochs is None or self.epochs >= 1, "epochs", self.epochs,
                 "1 or more (or unset: the store's relabel epochs)")
-        for name in ("width", "depth", "lr", "temperature"):
+        for name in ("width", "depth", "lr", "temperature", "temperature_step_epochs", "temperature_gamma",
+                     "temperature_min", "temperature_ratio"):
             positive(name, getattr(self, name))
+        require(self.student_temperature is None or self.student_temperature > 0, "student_temperature",
+                self.student_temperature, "a positive number (or unset: temperature_ratio x the teacher's)")
         for name in ("weight_decay", "workers"):
             non_negative(name, getattr(self, name))
+        for name in ("hard_epochs", "hard_weight"):
+            require(0 <= getattr(self, name) <= 1, name, getattr(self, name), "a fraction in [0, 1]")
         check_prune_ratio(self.prune_ratio)
+        require(self.scores_from is None or self.metric in DYNAMICS_METRICS, "scores_from", self.scores_from,
+                f"unset, unless the metric is one of {', '.join(DYNAMICS_METRICS)}")
+
+    def temperatures(self, epoch: int, epochs: int) -> tuple[float, float]:
+        """Teacher-side and student temperature in a student epoch (LPQLD's schedules and ratio)."""
+        t = self.temperature
+        if self.temperature_schedule == "step":
+            t *= self.temperature_gamma ** (epoch // self.temperature_step_epochs)
+        elif self.temperature_schedule == "cosine":
+            t = self.temperature_min + (t - self.temperature_min) * (1 + math.cos(math.pi * epoch / max(1, epochs - 1))) / 2
+        return t, self.student_temperature or t * self.temperature_ratio
+
+    def hard_epoch_count(self, epochs: int) -> int:
+        return round(epochs * self.hard_epochs)
 
 
-class StoredBatches(Dataset):
-    """Item i is the i-th step's whole batch: replayed augmented images and the stored logits.
-
-    Whole batches as items let stock DataLoader workers read and replay them.
+class StepBatches(Dataset):
+    """Item i is the i-th training step's whole batch: replayed augmented images, the stored logits (None
+    for a step that draws its own crops: online or hard-label steps), the images' hard labels, their mix
+    partners' and the mix weight. Whole batches as items let stock DataLoader workers read and replay them.
     """
 
-    def __init__(self, store_path, images: torch.Tensor, schedule: list[tuple[int, int]]):
-        self.store_path, self.images, self.schedule = store_path, images, schedule
-        self.store = None
+    def __init__(self, store_path, images: torch.Tensor, labels: torch.Tensor, steps: list[tuple[str, int, int]],
+                 fresh_cfg):
+        self.store_path, self.images, self.labels, self.steps, self.fresh_cfg = \
+            store_path, images, labels, steps, fresh_cfg
+        self.store, self.fresh = None, (None, [])
 
     def __len__(self) -> int:
-        return len(self.schedule)
+        return len(self.steps)
 
     def __getitem__(self, i):
-        if self.store is None:  # opened per worker process
-            self.store = LabelStore(self.store_path)
-        rec = self.store.read(*self.schedule[i])
-        return replay(self.images, rec), rec.logits
+        from .relabel import epoch_records
+
+        kind, epoch, batch = self.steps[i]
+        if kind == "stored":
+            if self.store is None:  # opened per worker process
+                self.store = LabelStore(self.store_path)
+            rec = self.store.read(epoch, batch)
+        else:  # the crops of a fresh epoch, drawn once per epoch and worker
+            if self.fresh[0] != epoch:
+                self.fresh = (epoch, epoch_records(len(self.images), tuple(self.images.shape[-2:]), self.fresh_cfg,
+                                                   epoch))
+            rec = self.fresh[1][batch]
+        y = self.labels[rec.index]
+        return replay(self.images, rec), rec.logits, rec.index, y, y[rec.mix_perm], rec.mix_lam
 
 
 def batch_schedule(kept: list[tuple[int, int]], epochs: int, per_epoch: int, granularity: str,
@@ -96,110 +143,176 @@ def batch_schedule(kept: list[tuple[int, int]], epochs: int, per_epoch: int, gra
     return [stream[s * per_epoch:(s + 1) * per_epoch] for s in range(epochs)]
 
 
-def kd_loss(student_logits, teacher_logits, temperature: float, times_t2: bool) -> torch.Tensor:
-    """KL(softmax(z_t / T) || softmax(z_s / T)), batch mean, optionally times T^2."""
-    t = temperature
-    loss = F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+def kd_loss(student_logits, teacher_logits, temperature: float, times_t2: bool,
+            student_temperature: float | None = None) -> torch.Tensor:
+    """KL(softmax(z_t / T) || softmax(z_s / T_s)), batch mean, optionally times T_s^2 (T_s defaults to T)."""
+    t, ts = temperature, student_temperature or temperature
+    loss = F.kl_div(F.log_softmax(student_logits / ts, 1), F.log_softmax(teacher_logits / t, 1),
                     reduction="batchmean", log_target=True)
-    return loss * t * t if times_t2 else loss
+    return loss * ts * ts if times_t2 else loss
+
+
+def hard_loss(student_logits, y, y_partner, lam: float) -> torch.Tensor:
+    """Cross-entropy on the images' class labels; a mixed batch weighs its two labels by the mix weight."""
+    loss = F.cross_entropy(student_logits, y)
+    return loss if lam == 1.0 else lam * loss + (1 - lam) * F.cross_entropy(student_logits, y_partner)
 
 
 def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str = "auto",
-                  progress: bool = True, data: ImageData | None = None) -> dict:
+                  progress: bool = True, data: ImageData | None = None, restart: bool = False,
+                  keep_checkpoint: bool = False) -> dict:
     """Train a student from scratch on a label store (or online), evaluate on the real test split.
 
-    Checkpoints every epoch into ``out_dir`` and resumes from there.
+    ``out_dir`` gets student.safetensors, train.json (written last: the run is finished) and
+    metrics.jsonl (one line per epoch). An interrupted run resumes from ``checkpoint.pt`` (a torch.save
+    zip of tensors, read with weights_only=True), which is removed at the end unless ``keep_checkpoint``.
+    A folder holding a run of other settings or inputs is refused, or cleared with ``restart``.
     """
     from .data import load_from_source
     from .recover import load_images, load_squeezed
+    from .relabel import RelabelConfig
 
     dev = resolve_device(device)
-    check_prune_ratio(cfg.prune_ratio)
     workers = loader_workers(cfg.workers)
     out_dir = Path(out_dir)
     store = LabelStore(store_path)
     manifest = store.manifest
     images_path = Path(run_dir) / manifest["images"]  # relative to the run, unless recorded absolute
     store.check_images(images_path)
-    images, _, _ = load_images(images_path.parent)
+    require(cfg.metric not in DYNAMICS_METRICS or cfg.scores_from is not None, "scores_from", None,
+            f"a trained student's folder, whose dynamics.safetensors scores {cfg.metric} pruning")
+    scores_file = Path(cfg.scores_from) / "dynamics.safetensors" if cfg.scores_from else None
+    fingerprint = json.dumps({"settings": asdict(cfg), "labels": file_sha256(store.path / "manifest.json"),
+                              "images": manifest["images_sha256"],
+                              "scores": scores_file and file_sha256(scores_file)}, sort_keys=True, default=str)
+    finished = _claim(out_dir, fingerprint, restart)
+    if finished is not None:
+        return finished
+    images, labels, _ = load_images(images_path.parent)
     teacher, spec, _, info = load_squeezed(run_dir, dev)
     data = data or load_from_source(info["dataset"]["source"])
     if store.num_classes != data.num_classes:
         raise LabelStoreError(f"label store {store.path} has {store.num_classes} classes, the student's data "
                               f"{data.num_classes}")
     epochs = cfg.epochs or manifest["epochs"]
-    if cfg.online:
+    soft_epochs = epochs - cfg.hard_epoch_count(epochs)
+    if cfg.online or soft_epochs == 0:  # no stored label is read
         kept = store.keys()
     else:
         store.check_files()
-        kept = select_batches(store, cfg.prune_ratio, cfg.metric, cfg.granularity, cfg.seed)
+        kept = select_batches(store, cfg.prune_ratio, cfg.metric, cfg.granularity, cfg.seed,
+                              load_scores(scores_file) if scores_file else None)
     schedule = batch_schedule(kept, epochs, manifest["batches_per_epoch"], cfg.granularity, cfg.seed)
+    steps, step_epoch = [], []  # what each step reads, and the student epoch it belongs to
+    for e in range(epochs):
+        if cfg.online or e >= soft_epochs:  # crops drawn afresh, labelled by the teacher or by the class
+            steps += [("fresh", e, b) for b in range(manifest["batches_per_epoch"])]
+        else:
+            steps += [("stored", *k) for k in schedule[e]]
+        step_epoch += [e] * (len(steps) - len(step_epoch))
     c, h, _ = data.shape
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.arch, data.num_classes, c, h, width=cfg.width, depth=cfg.depth).to(dev)
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(student.parameters(), cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected adamw or sgd")
-    steps = sum(len(s) for s in schedule)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    start_epoch, ckpt = 0, out_dir / "checkpoint.pt"
+        opt = torch.optim.SGD(student.parameters(), cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(steps))
+    dynamics = Dynamics(len(images), early_epochs=max(1, round(0.1 * epochs)))
+    start_epoch, ckpt, history = 0, out_dir / "checkpoint.pt", []
     if ckpt.exists():
-        try:
-            state = torch.load(ckpt, map_location=dev, weights_only=True)
-        except Exception as e:  # anything but plain tensors and containers is refused, never run
-            raise ValueError(f"{ckpt} is not a student checkpoint written by dsutil (it holds something other "
-                             f"than tensors, or is damaged); remove it to train from scratch") from e
+        state = _load_checkpoint(ckpt, dev)
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        dynamics.state = state["dynamics"]
         start_epoch = state["epoch"] + 1
+        history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()][:start_epoch]
     started = time.time()
-    online_cfg = None
-    if cfg.online:
-        from .relabel import RelabelConfig, epoch_records
-
-        a = manifest["settings"]
-        online_cfg = RelabelConfig(**{k: a[k] for k in ("batch_size", "crop_scale", "flip", "mix", "mix_alpha")},
-                                   epochs=epochs, seed=cfg.seed + 1)
-    if cfg.online:
-        batches = ((replay(images, r), None) for e in range(start_epoch, epochs)
-                   for r in epoch_records(len(images), (h, h), online_cfg, e))
-    else:  # one loader over every remaining step, so worker processes start once
-        batches = DataLoader(StoredBatches(store.path, images, [k for s in schedule[start_epoch:] for k in s]),
-                             batch_size=None, num_workers=workers)
-    epoch_of_step = [e for e in range(start_epoch, epochs) for _ in schedule[e]]
-    bar = tqdm(total=len(epoch_of_step), desc="student", disable=not progress)
+    a = manifest["settings"]  # fresh crops (online and hard epochs) follow the store's augmentation
+    fresh_cfg = RelabelConfig(**{k: a[k] for k in ("batch_size", "crop_scale", "flip", "mix", "mix_alpha")},
+                              epochs=epochs, seed=cfg.seed + 1)
+    first = step_epoch.index(start_epoch) if start_epoch < epochs else len(steps)
+    todo, todo_epoch = steps[first:], step_epoch[first:]
+    batches = DataLoader(StepBatches(store.path, images, labels, todo, fresh_cfg), batch_size=None,
+                         num_workers=workers)  # one loader over every remaining step: workers start once
+    bar = tqdm(total=len(todo), desc="student", disable=not progress)
     student.train()
-    for step, (x, target) in enumerate(batches):
+    losses = []
+    for i, (x, target, index, y, y_partner, lam) in enumerate(batches):
+        epoch = todo_epoch[i]
+        t_teacher, t_student = cfg.temperatures(epoch, epochs)
         x = x.to(dev)
-        if target is None:
+        if cfg.online and epoch < soft_epochs:
             with torch.no_grad():
                 target = teacher(x).float()
-        loss = kd_loss(student(x), target.to(dev), cfg.temperature, cfg.kl_times_t2)
+        out = student(x)
+        if epoch >= soft_epochs:
+            loss = hard_loss(out, y.to(dev), y_partner.to(dev), lam)
+        else:
+            loss = kd_loss(out, target.to(dev), t_teacher, cfg.kl_times_t2, t_student)
+            dynamics.observe(index, out, target, epoch)
+            if cfg.hard_weight:
+                loss = (1 - cfg.hard_weight) * loss + cfg.hard_weight * hard_loss(out, y.to(dev), y_partner.to(dev), lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         bar.update()
-        epoch = epoch_of_step[step]
-        if step + 1 == len(epoch_of_step) or epoch_of_step[step + 1] != epoch:  # end of a student epoch
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+        losses.append(loss.item())
+        if i + 1 == len(todo) or todo_epoch[i + 1] != epoch:  # end of a student epoch
+            history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
+                            "temperature": t_teacher, "student_temperature": t_student,
+                            "labels": "hard" if epoch >= soft_epochs else "online" if cfg.online else "soft",
+                            "steps": len(losses), "seconds": time.time() - started})
+            losses = []
+            bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
+            with atomic_path(out_dir / "metrics.jsonl") as tmp:
+                tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
             with atomic_path(ckpt) as tmp:
                 torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch}, tmp)
+                            "scheduler": sched.state_dict(), "epoch": epoch, "fingerprint": fingerprint,
+                            "dynamics": dynamics.state}, tmp)
     bar.close()
     metrics = evaluate(student, data, "test", dev)
-    n_kept = len(kept)
-    label_bytes = 0 if cfg.online else store.kept_bytes(kept)
-    result = {"settings": asdict(cfg), "epochs": epochs, "store": str(store.path), "kept_batches": n_kept,
-              "stored_batches": len(store.keys()), "label_bytes": label_bytes,
+    used = sorted({(e, b) for kind, e, b in steps if kind == "stored"})  # the labels this student needed
+    result = {"settings": asdict(cfg), "epochs": epochs, "hard_epochs": epochs - soft_epochs,
+              "store": str(store.path), "kept_batches": len(kept), "used_batches": len(used),
+              "stored_batches": len(store.keys()), "label_bytes": store.kept_bytes(used),
               "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],
-              "seconds": time.time() - started, "device": str(dev), "workers": workers}
+              "seconds": time.time() - started, "device": str(dev), "workers": workers, "fingerprint": fingerprint}
     save_model(out_dir / "student.safetensors", student,
                {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
                 "width": cfg.width, "depth": cfg.depth})
-    write_json(out_dir / "train.json", result)
+    save_tensors(out_dir / "dynamics.safetensors", dynamics.scores(), {"early_epochs": dynamics.early_epochs})
+    write_json(out_dir / "train.json", result)  # last: the student is finished
+    if not keep_checkpoint:
+        ckpt.unlink()
     return result
+
+
+def _claim(out_dir: Path, fingerprint: str, restart: bool) -> dict | None:
+    """The finished result when ``out_dir`` holds this very run; else make sure what it holds can be resumed
+    (same fingerprint) or, with ``restart``, is removed. Anything else is refused before work starts."""
+    result_file, ckpt = out_dir / "train.json", out_dir / "checkpoint.pt"
+    if result_file.exists() and read_json(result_file).get("fingerprint") == fingerprint and not restart:
+        if ckpt.exists():
+            ckpt.unlink()  # a crash after train.json was written: the checkpoint is stale
+        return read_json(result_file)
+    held = result_file if result_file.exists() else ckpt if ckpt.exists() else None
+    if held is not None and not restart:
+        if held == ckpt and _load_checkpoint(ckpt, "cpu").get("fingerprint") == fingerprint:
+            return None  # an interrupted run of these settings: resume it
+        raise ValueError(f"{out_dir} holds a student trained with other settings or labels ({held.name}); "
+                         "choose another --out, or pass --restart to train from scratch there")
+    for name in ("train.json", "student.safetensors", "metrics.jsonl", "dynamics.safetensors", "checkpoint.pt"):
+        (out_dir / name).unlink(missing_ok=True)
+    return None
+
+
+def _load_checkpoint(path: Path, device) -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # anything but plain tensors and containers is refused, never run
+        raise ValueError(f"{path} is not a student checkpoint written by dsutil (it holds something other "
+                         f"than tensors, or is damaged); remove it to train from scratch") from e

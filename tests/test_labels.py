@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from dsutil.cli import main
 from dsutil.files import read_json, write_json
-from dsutil.labels import (HEADER_BYTES_PER_FILE, LabelStore, LabelStoreError, human_bytes, select_batches,
+from dsutil.labels import (HEADER_BYTES_PER_FILE, HEADER_BYTES_PER_TOPK_FILE, LabelStore, LabelStoreError, human_bytes, select_batches,
                            storage_bytes)
 from dsutil.recover import RecoverConfig, recover, recover_dir
 from dsutil.relabel import RelabelConfig, relabel
@@ -35,8 +35,15 @@ def stores(run):
         cfg = RelabelConfig(epochs=EPOCHS, batch_size=BATCH, mix="cutmix", **kw)
         return relabel(run, images, cfg, out=out, device="cpu", progress=False)
 
-    # the default folder name does not tell dtypes apart, so the fp32 store gets its own
-    return {0.0: make(), 0.5: make(prune_ratio=0.5), "fp32": make(dtype="fp32", out=run / "labels" / "fp32")}
+    # the default folder name does not tell dtypes apart, so those stores get their own
+    return {0.0: make(), 0.5: make(prune_ratio=0.5), "fp32": make(dtype="fp32", out=run / "labels" / "fp32"),
+            "k3": make(topk=3), "k1-r0.5-fp32": make(topk=1, prune_ratio=0.5, dtype="fp32", out=run / "labels" / "k1"),
+            "k10-mass": make(topk=10, topk_fill="mass", out=run / "labels" / "k10")}
+
+
+# (prune ratio, dtype, topk) of each store
+SETTINGS = {0.0: (0.0, "fp16", None), 0.5: (0.5, "fp16", None), "fp32": (0.0, "fp32", None), "k3": (0.0, "fp16", 3),
+            "k1-r0.5-fp32": (0.5, "fp32", 1), "k10-mass": (0.0, "fp16", 10)}
 
 
 # the paper's label storage for ImageNet-1K, 300 relabel epochs, fp16 (its "GB" are GiB)
@@ -52,7 +59,8 @@ def test_storage_bytes_formula_parts():
     assert storage_bytes(1000, 200, 300, prune_ratio=0.975, metadata=False) == pytest.approx(logits / 40, rel=1e-3)
     assert storage_bytes(1000, 200, 300, dtype="fp32", metadata=False) == 2 * logits
     assert storage_bytes(1000, 200, 300, dtype="bf16", metadata=False) == logits
-    assert storage_bytes(1000, 200, 300, topk=10, metadata=False) == 300 * 200_000 * 10 * (2 + 2)
+    assert storage_bytes(1000, 200, 300, topk=10, metadata=False) == 300 * 200_000 * (10 * (2 + 2) + 2)
+    assert storage_bytes(40_000, 1, 1, topk=10, dtype="fp32", metadata=False) == 40_000 * (10 * (4 + 4) + 4)
     meta = storage_bytes(1000, 200, 300) - logits
     assert 0 < meta < 0.02 * logits  # the replay recipe costs about 1% on top of the logits
     with pytest.raises(ValueError, match="dtype"):
@@ -79,24 +87,58 @@ def test_labels_size_command(capsys):
     assert "prune ratio must be in [0, 1)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("setting", [0.0, 0.5, "fp32"])
+@pytest.mark.parametrize("setting", list(SETTINGS))
 def test_a_real_store_takes_what_storage_bytes_says(stores, setting):
     """The formula counts the epoch files; ``disk_bytes`` also counts manifest.json (a few KiB, any size)."""
     store = LabelStore(stores[setting])
-    r, dtype = (setting, "fp16") if setting != "fp32" else (0.0, "fp32")
+    r, dtype, topk = SETTINGS[setting]
     files = sorted(store.path.glob("epoch*.safetensors"))
     epoch_bytes = sum(f.stat().st_size for f in files)
     assert store.disk_bytes() == epoch_bytes + (store.path / "manifest.json").stat().st_size
-    want = storage_bytes(10, IPC, EPOCHS, BATCH, r, dtype)
+    want = storage_bytes(10, IPC, EPOCHS, BATCH, r, dtype, topk)
     assert abs(epoch_bytes - want) <= 0.05 * want
     kept = round(EPOCHS * 5 * (1 - r))
     assert len(store.keys()) == kept
     # without the per-file header estimate, the formula is exact for full batches
-    assert store.kept_bytes(store.keys()) == want - HEADER_BYTES_PER_FILE * min(EPOCHS, kept)
+    header = HEADER_BYTES_PER_FILE if topk is None else HEADER_BYTES_PER_TOPK_FILE
+    assert store.kept_bytes(store.keys()) == want - header * min(EPOCHS, kept)
     for f in files:  # and the header estimate holds for every file
         t = load_file(f)
         data = sum(v.numel() * v.element_size() for v in t.values())
-        assert abs(f.stat().st_size - data - HEADER_BYTES_PER_FILE) <= 32
+        assert abs(f.stat().st_size - data - header) <= 32
+    if topk is not None:  # the labels are really stored as K values, K int16 indices and a fill
+        assert (t["topk_values"].shape[1], t["topk_index"].dtype, t["topk_fill"].dim()) == (topk, torch.int16, 1)
+        assert "logits" not in t
+
+
+def test_topk_store_reads_back_the_teacher_logits_it_kept(stores):
+    """K = C keeps every logit exactly; K < C keeps the K largest in place and fills the rest as documented."""
+    full, k10, k3 = (LabelStore(stores[s]) for s in (0.0, "k10-mass", "k3"))
+    for key in full.keys()[:7]:
+        z = full.read(*key).logits  # the fp16 teacher logits
+        assert torch.equal(k10.read(*key).logits, z)
+        got = k3.read(*key).logits
+        top = z.topk(3, 1)
+        assert torch.equal(got.gather(1, top.indices), top.values)
+        assert torch.equal(got.topk(3, 1).indices.sort(1).values, top.indices.sort(1).values)
+        rest = torch.ones_like(z, dtype=torch.bool).scatter(1, top.indices, False)
+        assert torch.equal(got[rest].view(len(z), 7), z.min(1, keepdim=True).values.expand(len(z), 7))
+
+
+def test_topk_mass_fill_keeps_the_remaining_probability():
+    """In float64 on random logits: the rebuilt distribution at T=1 matches the true top-K probabilities,
+    and the other classes share the true remaining mass equally."""
+    from dsutil.labels import topk_compress, topk_expand
+
+    z = torch.randn(64, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4
+    parts = topk_compress(z, 5, "mass")
+    p_rebuilt = topk_expand(parts["topk_values"], parts["topk_index"], parts["topk_fill"], 20).double().softmax(1)
+    p = z.softmax(1)
+    idx = z.topk(5, 1).indices
+    assert torch.allclose(p_rebuilt.gather(1, idx), p.gather(1, idx), atol=1e-5)
+    rest = torch.ones_like(p, dtype=torch.bool).scatter(1, idx, False)
+    want_rest = (p * rest).sum(1, keepdim=True) / 15
+    assert torch.allclose(p_rebuilt[rest].view(64, 15), want_rest.expand(64, 15), atol=1e-5)
 
 
 def test_select_batches_random_and_order(stores):

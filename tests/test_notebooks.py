@@ -22,7 +22,7 @@ NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 def test_there_are_notebooks():
     names = [p.name for p in NOTEBOOKS]
     assert names == ["01_quickstart.ipynb", "02_within_class_similarity.ipynb", "03_label_pruning.ipynb",
-                     "04_label_storage.ipynb", "05_teaching.ipynb"]
+                     "04_label_storage.ipynb", "05_teaching.ipynb", "06_frontier.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -166,33 +166,37 @@ def test_pruning_at_relabel_generates_only_the_kept_batches_unchanged(make_store
     assert pruned.manifest["batches_per_epoch"] == full.manifest["batches_per_epoch"] == 5
 
 
-def test_student_trains_on_stored_labels_and_resumes(run, make_store, mnist, tmp_path):
+def test_student_trains_on_stored_labels_and_refuses_other_settings(run, make_store, mnist, tmp_path):
     store = make_store(epochs=30, batch_size=10)
     out = tmp_path / "student"
     result = train_student(run, store, StudentConfig(**STUDENT), out, device="cpu", progress=False)
-    assert {p.name for p in out.iterdir()} >= {"train.json", "student.safetensors", "checkpoint.pt"}
+    assert {p.name for p in out.iterdir()} == {"train.json", "student.safetensors", "metrics.jsonl",
+                                               "dynamics.safetensors"}
     assert read_json(out / "train.json") == json.loads(json.dumps(result))
     assert result["epochs"] == 30 and result["kept_batches"] == result["stored_batches"] == 150
+    assert result["used_batches"] == 150 and result["hard_epochs"] == 0
     assert result["label_bytes"] == LabelStore(store).kept_bytes(LabelStore(store).keys()) > 0
     assert 0 <= result["test_top1"] <= result["test_top5"] <= 1
     assert result["test_top1"] > 0.5  # chance is 0.1
     model, spec = load_model(out / "student.safetensors")
     assert spec["width"] == 32
     assert evaluate(model, mnist, "test")["top1"] == pytest.approx(result["test_top1"], abs=1e-9)
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 29
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == list(range(30)) and all(m["steps"] == 5 for m in lines)
+    assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["lr"] < lines[0]["lr"]
 
-    short = tmp_path / "short"
-    train_student(run, store, StudentConfig(**STUDENT, epochs=2), short, device="cpu", progress=False)
-    assert torch.load(short / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    before = load_file(short / "student.safetensors")
-    again = train_student(run, store, StudentConfig(**STUDENT, epochs=2), short, device="cpu", progress=False)
-    after = load_file(short / "student.safetensors")
-    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing left to train: nothing trained
-    more = train_student(run, store, StudentConfig(**STUDENT, epochs=4), short, device="cpu", progress=False)
-    assert torch.load(short / "checkpoint.pt", weights_only=True)["epoch"] == 3
-    assert more["epochs"] == 4 and read_json(short / "train.json")["epochs"] == 4
-    assert again["epochs"] == 2
-    assert any(not torch.equal(before[k], v) for k, v in load_file(short / "student.safetensors").items())
+    before = (out / "student.safetensors").read_bytes()
+    again = train_student(run, store, StudentConfig(**STUDENT), out, device="cpu", progress=False)
+    assert again == result and (out / "student.safetensors").read_bytes() == before  # finished: not retrained
+    for other in (dict(epochs=4), dict(temperature=2.0), dict(seed=3)):  # never resumed under other settings
+        with pytest.raises(ValueError, match="other settings or labels.*--restart"):
+            train_student(run, store, StudentConfig(**STUDENT, **other), out, device="cpu", progress=False)
+    assert (out / "student.safetensors").read_bytes() == before
+    short = train_student(run, store, StudentConfig(**STUDENT, epochs=2), out, device="cpu", progress=False,
+                          restart=True, keep_checkpoint=True)
+    assert short["epochs"] == 2 and read_json(out / "train.json")["epochs"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 def test_interrupted_student_resumes_to_the_same_weights(run, make_store, tmp_path):
@@ -407,3 +411,128 @@ def test_a_damaged_manifest_names_itself(make_store, tmp_path):
     (store / "manifest.json").write_text(text[: len(text) // 2])
     with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
         LabelStore(store)
+
+
+def test_topk_of_every_class_trains_the_same_student_as_full_labels(run, make_store, tmp_path):
+    """`dsutil relabel --topk C` then `dsutil train`, unchanged: the same weights as from the full store."""
+    from dsutil.cli import main
+
+    full = make_store(epochs=6, batch_size=10)
+    images = recover_dir(run, "real", IPC)
+    for k in (10, 3):
+        assert main(["relabel", "--run", str(run), "--images", str(images), "--epochs", "6", "--batch-size", "10",
+                     "--topk", str(k), "--out", str(tmp_path / f"k{k}"), "--device", "cpu"]) == 0
+    args = ["--width", "32", "--lr", "3e-3", "--device", "cpu"]
+    for name, store in (("full", full), ("k10", tmp_path / "k10"), ("k3", tmp_path / "k3")):
+        assert main(["train", "--run", str(run), "--labels", str(store), "--out", str(tmp_path / f"s-{name}"), *args]) == 0
+    a, b, c = (load_file(tmp_path / f"s-{n}" / "student.safetensors") for n in ("full", "k10", "k3"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert any(not torch.equal(a[key], c[key]) for key in a)  # top-3 labels are other labels
+    bytes_ = {n: read_json(tmp_path / f"s-{n}" / "train.json")["label_bytes"] for n in ("full", "k10", "k3")}
+    assert bytes_["k3"] < bytes_["full"] < bytes_["k10"]  # 3 x (2 + 2) + 2 < 10 x 2 < 10 x (2 + 2) + 2 per label
+    assert read_json(tmp_path / "s-k3" / "train.json")["test_top1"] > 0.2  # chance is 0.1 (6 short epochs)
+
+
+def test_temperature_schedules_and_the_student_ratio():
+    cfg = StudentConfig(temperature=20, temperature_schedule="step", temperature_step_epochs=30, temperature_gamma=0.7)
+    assert [cfg.temperatures(e, 300)[0] for e in (0, 29, 30, 61, 299)] == pytest.approx(
+        [20, 20, 14, 9.8, 20 * 0.7**9])
+    cos = StudentConfig(temperature=20, temperature_schedule="cosine", temperature_min=2, temperature_ratio=0.5)
+    assert [t for e in (0, 5, 10) for t in cos.temperatures(e, 11)] == pytest.approx([20, 10, 11, 5.5, 2, 1])
+    fixed = StudentConfig(temperature=8, student_temperature=3)
+    assert fixed.temperatures(7, 9) == (8, 3)
+    assert StudentConfig().temperatures(5, 9) == (4.0, 4.0)
+
+
+def test_kd_loss_with_a_student_temperature_of_its_own():
+    gen = torch.Generator().manual_seed(1)
+    s, t = torch.randn(5, 10, generator=gen, dtype=torch.float64) * 3, torch.randn(5, 10, generator=gen,
+                                                                                   dtype=torch.float64) * 3
+    p_t, p_s = (t / 6).softmax(1), (s / 2).softmax(1)
+    want = sum(float(p_t[i, c] * (p_t[i, c] / p_s[i, c]).log()) for i in range(5) for c in range(10)) / 5
+    assert float(kd_loss(s, t, 6.0, False, 2.0)) == pytest.approx(want, rel=1e-9)
+    assert float(kd_loss(s, t, 6.0, True, 2.0)) == pytest.approx(want * 4, rel=1e-9)
+
+
+def test_hard_loss_weighs_the_mixed_labels():
+    from dsutil.train import hard_loss
+
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(4, 10, generator=gen, dtype=torch.float64)
+    y, y2 = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])
+    logp = z.log_softmax(1)
+    want = -sum(0.3 * float(logp[i, y[i]]) + 0.7 * float(logp[i, y2[i]]) for i in range(4)) / 4
+    assert float(hard_loss(z, y, y2, 0.3)) == pytest.approx(want, rel=1e-9)
+    assert float(hard_loss(z, y, y2, 1.0)) == pytest.approx(-sum(float(logp[i, y[i]]) for i in range(4)) / 4)
+
+
+def test_hard_epochs_read_no_labels_and_count_only_the_labels_used(run, make_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(make_store(epochs=30, batch_size=10, mix="cutmix"), store)
+    half = train_student(run, store, StudentConfig(**STUDENT, hard_epochs=0.5), tmp_path / "half", device="cpu",
+                         progress=False)
+    assert half["hard_epochs"] == 15 and half["used_batches"] == 75  # 15 soft epochs of 5 batches, no repeats
+    assert half["label_bytes"] == pytest.approx(LabelStore(store).kept_bytes(LabelStore(store).keys()) / 2, rel=0.02)
+    kinds = [json.loads(line)["labels"] for line in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == ["soft"] * 15 + ["hard"] * 15
+    for f in store.glob("epoch*.safetensors"):  # all-hard training needs no label file
+        f.unlink()
+    hard = train_student(run, store, StudentConfig(**STUDENT, hard_epochs=1.0), tmp_path / "hard", device="cpu",
+                         progress=False)
+    assert hard["label_bytes"] == 0 and hard["used_batches"] == 0
+    assert hard["test_top1"] > 0.3  # chance is 0.1: the class labels of 50 real digits teach something
+
+
+def test_a_student_records_its_dynamics_and_another_prunes_by_them(run, make_store, tmp_path):
+    from dsutil.dynamics import load_scores
+
+    store = make_store(epochs=30, batch_size=10)
+    full = train_student(run, store, StudentConfig(**STUDENT, epochs=10), tmp_path / "full", device="cpu",
+                         progress=False)
+    scores = load_scores(tmp_path / "full" / "dynamics.safetensors")
+    # 10 student epochs replay 50 of the 150 stored batches; each image is in one batch of a relabel epoch
+    views = torch.zeros(50)
+    for e, b in (k for epoch in batch_schedule(LabelStore(store).keys(), 10, 5, "batch", 0) for k in epoch):
+        views[LabelStore(store).read(e, b).index] += 1
+    assert torch.equal(scores["views"].float(), views)
+    assert scores["aum"].isfinite().all() and (scores["forgetting"] >= 0).all()
+    cfg = StudentConfig(**STUDENT, epochs=10, prune_ratio=0.8, metric="el2n-high", scores_from=str(tmp_path / "full"))
+    pruned = train_student(run, store, cfg, tmp_path / "pruned", device="cpu", progress=False)
+    image_scores = {k: v for k, v in scores.items()}
+    assert pruned["kept_batches"] == 30
+    want = select_batches(LabelStore(store), 0.8, "el2n-high", image_scores=image_scores)
+    assert pruned["label_bytes"] == LabelStore(store).kept_bytes(want)
+    with pytest.raises(ValueError, match="scores_from"):
+        train_student(run, store, StudentConfig(**STUDENT, metric="aum-low"), tmp_path / "x", device="cpu")
+    with pytest.raises(ValueError, match="scores_from"):
+        StudentConfig(metric="random", scores_from=str(tmp_path / "full"))
+    assert full["test_top1"] > 0.3
+
+
+def test_an_interrupted_relabel_resumes_only_its_own_whole_files(run, make_store, tmp_path):
+    """A killed relabel leaves pending.json and some epoch files: a rerun with the same inputs keeps the whole
+    ones, remakes a truncated or foreign one, and ends with the bytes of an uninterrupted run; a rerun with
+    other settings is refused (or, with restart, starts over)."""
+    cfg = RelabelConfig(epochs=6, batch_size=10)
+    whole = make_store(epochs=6, batch_size=10)
+    images = recover_dir(run, "real", IPC)
+    out = tmp_path / "store"
+    shutil.copytree(whole, out)
+    (out / "manifest.json").unlink()  # as if killed before the end: the intent is all that was recorded
+    write_json(out / "pending.json", {"images_sha256": LabelStore(whole).manifest["images_sha256"],
+                                      "teacher_sha256": LabelStore(whole).manifest["teacher_sha256"],
+                                      "settings": json.loads(json.dumps(cfg.__dict__))})
+    (out / "epoch00002.safetensors").write_bytes((whole / "epoch00002.safetensors").read_bytes()[:300])
+    shutil.copy(whole / "epoch00004.safetensors", out / "epoch00003.safetensors")  # the wrong batches
+    (out / "epoch00005.safetensors").unlink()
+    with pytest.raises(ValueError, match="other images, teacher or settings.*pending.json.*--restart"):
+        relabel(run, images, RelabelConfig(epochs=6, batch_size=10, seed=4), out=out, device="cpu", progress=False)
+    relabel(run, images, cfg, out=out, device="cpu", progress=False)
+    assert not (out / "pending.json").exists()
+    for f in sorted(whole.glob("epoch*.safetensors")):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert LabelStore(out).manifest["present"] == LabelStore(whole).manifest["present"]
+    other = relabel(run, images, RelabelConfig(epochs=3, batch_size=10, seed=4), out=out, device="cpu",
+                    progress=False, restart=True)
+    assert sorted(p.name for p in other.iterdir()) == ["epoch00000.safetensors", "epoch00001.safetensors",
+                                                       "epoch00002.safetensors", "manifest.json"]

@@ -111,3 +111,19 @@ def test_tiny_imagenet_preset_runs_with_seeds(quick_tiny):
     assert len(s["stage_seconds"]) == 1 + 3 * 2 + 3 * 6 * 2
     table = summary_table(s)
     assert "mean ± std over seeds [0, 1]" in table and table.count("±") == 3 * 6 + 1
+
+
+def test_settings_added_later_change_the_hash_only_when_set():
+    from dataclasses import asdict, replace
+
+    from dsutil.relabel import RelabelConfig
+    from dsutil.runner import ADDED_LATER, settings_hash
+    from dsutil.train import StudentConfig
+
+    defaults = asdict(StudentConfig()) | asdict(RelabelConfig())
+    assert {k: defaults[k] for k in ADDED_LATER} == ADDED_LATER  # the defaults the runs were made with
+    base = asdict(StudentConfig())
+    before = {k: v for k, v in base.items() if k not in ADDED_LATER}  # a student's settings as recorded before
+    assert settings_hash(base, ["u"]) == settings_hash(before, ["u"])
+    assert settings_hash(asdict(replace(StudentConfig(), hard_epochs=0.5)), ["u"]) != settings_hash(base, ["u"])
+    assert settings_hash(base, ["v"]) != settings_hash(base, ["u"])

@@ -1,0 +1,110 @@
+"""The storage-accuracy frontier: pruning ratio x top-k x student policy, per method, with seeds.
+
+Pruning alone (LPLD) is one curve through the space of label budgets. Top-k storage, temperature
+schedules and hard/soft mixing are other ways to spend the same bytes; this experiment trains every
+combination on the run's images and keeps the settings no cheaper setting beats (the Pareto frontier).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .files import write_json
+from .settings import build, require
+
+
+@dataclass
+class FrontierConfig:
+    methods: list[str] = field(default_factory=lambda: ["lpld", "sre2l"])
+    prune_ratios: list[float] = field(default_factory=lambda: [0.975, 0.9875, 0.995])  # the full grid's ratios
+    curve_ratios: list[float] = field(default_factory=lambda: [0.0, 0.9])  # pruning alone only, for the curve
+    topk: list[int | None] = field(default_factory=lambda: [None, 2])  # None: every logit
+    topk_fill: str = "mass"
+    policies: dict[str, dict] = field(default_factory=lambda: {"constant": {}})  # name: student settings changed
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+
+    def __post_init__(self):
+        from .train import StudentConfig
+
+        require("constant" in self.policies and not self.policies["constant"], "policies", self.policies,
+                "a 'constant' policy with no changes (the pruning-alone baseline)")
+        for name, changes in self.policies.items():
+            build(StudentConfig, changes, f"frontier policy {name!r}")
+        for r in self.prune_ratios + self.curve_ratios:
+            require(0 <= r < 1, "frontier ratios", r, "ratios in [0, 1)")
+        for k in self.topk:
+            require(k is None or k >= 1, "frontier topk", k, "null (every logit) or 1 or more")
+        require(None in self.topk, "frontier topk", self.topk, "a list that holds null (the full labels)")
+        require(len(set(self.seeds)) == len(self.seeds) > 0, "frontier seeds", self.seeds, "distinct integers")
+
+    def settings(self) -> list[tuple[float, int | None, str]]:
+        """Every (prune ratio, top-k, policy) trained: the full grid, plus pruning alone on the curve."""
+        grid = [(r, k, p) for r in self.prune_ratios for k in self.topk for p in self.policies]
+        return [(r, None, "constant") for r in self.curve_ratios if r not in self.prune_ratios] + grid
+
+
+def run_frontier(cfg, out, progress: bool = True) -> dict:
+    """Train the frontier of ``cfg.frontier`` on the run in ``out`` (made first when missing); write
+    ``frontier.json`` with one point per setting (mean, std and per-seed top-1) and the Pareto points."""
+    from .runner import Stages, ensure_labels, ensure_run, ensure_student, over_seeds
+
+    fcfg = cfg.frontier
+    require(fcfg is not None, "frontier", None, "a frontier: section in the preset")
+    ensure_run(cfg, out, progress)
+    out, stages, data = Path(out), Stages(progress), cfg.data.load()
+    points = []
+    for method in fcfg.methods:
+        ipc = cfg.recover_config(method).ipc
+        full = None
+        for r, k, policy in fcfg.settings():
+            rcfg = replace(cfg.relabel, topk=k, topk_fill=fcfg.topk_fill if k else "min")
+            store = ensure_labels(out, method, ipc, rcfg, cfg.device, progress, stages)
+            scfg = build(type(cfg.student), asdict(cfg.student) | fcfg.policies[policy] | {"prune_ratio": r},
+                         f"frontier policy {policy!r}")
+            name = f"{method}-ipc{ipc}-k{k or 'all'}-r{r:g}-{policy}"
+            runs = [ensure_student(out, method, replace(scfg, seed=seed), ipc, cfg.device, data, progress, stages,
+                                   store=store, folder=out / "frontier" / f"{name}-s{seed}") for seed in fcfg.seeds]
+            point = {"method": method, "prune_ratio": r, "topk": k, "policy": policy} | over_seeds(runs, fcfg.seeds)
+            if (r, k, policy) == (0.0, None, "constant"):
+                full = point["label_bytes"]
+            points.append(point)
+        for p in points:
+            if p["method"] == method and full:
+                p["reduction"] = full / p["label_bytes"] if p["label_bytes"] else None
+    result = {"name": cfg.name, "frontier": asdict(fcfg), "points": points,
+              "pareto": {m: pareto([p for p in points if p["method"] == m]) for m in fcfg.methods},
+              "stage_seconds": stages.seconds}
+    write_json(out / "frontier.json", result)
+    return result
+
+
+def pareto(points: list[dict]) -> list[dict]:
+    """The points that no other point beats on both label bytes (fewer) and mean top-1 (higher)."""
+    front, best = [], float("-inf")
+    for p in sorted(points, key=lambda p: (p["label_bytes"], -p["test_top1"])):
+        if p["test_top1"] > best:
+            front.append(p)
+            best = p["test_top1"]
+    return front
+
+
+def best_within(points: list[dict], budget: float, pruning_only: bool = False) -> dict | None:
+    """The most accurate point whose labels take at most ``budget`` bytes (optionally pruning alone)."""
+    fits = [p for p in points if p["label_bytes"] <= budget
+            and (not pruning_only or (p["topk"] is None and p["policy"] == "constant"))]
+    return max(fits, key=lambda p: p["test_top1"], default=None)
+
+
+def frontier_table(result: dict) -> str:
+    """Per method: the Pareto points (label bytes, reduction, top-1 mean +- std, setting)."""
+    from .labels import human_bytes
+
+    lines = []
+    for method, front in result["pareto"].items():
+        lines.append(f"{method}: Pareto points (seeds {result['frontier']['seeds']})")
+        for p in front:
+            std = "" if p.get("test_top1_std") is None else f" ± {p['test_top1_std'] * 100:.1f}"
+            red = f"{p['reduction']:.0f}x" if p.get("reduction") else "?"
+            lines.append(f"  {human_bytes(p['label_bytes']):>11} {red:>6}  {p['test_top1'] * 100:5.1f}{std:<6}  "
+                         f"r={p['prune_ratio']:g} topk={p['topk'] or 'all'} {p['policy']}")
+    return "\n".join(lines)
