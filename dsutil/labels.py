@@ -167,11 +167,23 @@ class LabelStore:
             raise FileNotFoundError(f"{self.path / 'manifest.json'} not found: is {self.path} a label store "
                                     "made by `dsutil relabel`?")
         self.manifest = read_json(self.path / "manifest.json")
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise LabelStoreError(f"{self.path}: format version {self.manifest.get('format_version')}, "
-                                  f"this dsutil reads {FORMAT_VERSION}")
-        self.present = {int(e): ids for e, ids in self.manifest["present"].items()}
-        self.topk = self.manifest.get("topk")  # None: full logits are stored
+        if not isinstance(self.manifest, dict) or self.manifest.get("format_version") != FORMAT_VERSION:
+            version = self.manifest.get("format_version") if isinstance(self.manifest, dict) else None
+            raise LabelStoreError(f"{self.path / 'manifest.json'}: format version {version!r}, this dsutil reads "
+                                  f"{FORMAT_VERSION}")
+        try:
+            m = self.manifest
+            self.present = {int(e): [int(b) for b in ids] for e, ids in m["present"].items()}
+            self.topk = m.get("topk")  # None: full logits are stored
+            ok = (isinstance(m["classes"], list) and all(isinstance(c, str) for c in m["classes"])
+                  and m["dtype"] in DTYPES and (self.topk is None or type(self.topk) is int and self.topk >= 1)
+                  and all(type(m[k]) is int and m[k] >= 1 for k in ("epochs", "batches_per_epoch"))
+                  and isinstance(m["images"], str) and isinstance(m["images_sha256"], str))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise LabelStoreError(f"{self.path / 'manifest.json'} is not a label store manifest ({e!r})") from None
+        if not ok:
+            raise LabelStoreError(f"{self.path / 'manifest.json'} is not a label store manifest: classes, dtype, "
+                                  "topk, epochs, batches_per_epoch, images or images_sha256 has the wrong type")
         self._handles: dict[int, object] = {}
         self._offsets: dict[int, dict[int, tuple[int, int]]] = {}
 
@@ -200,6 +212,7 @@ class LabelStore:
             n = handle.get_slice("index").get_shape()[0]
             shapes = {"logits": [n, self.num_classes]} if self.topk is None else \
                 {"topk_values": [n, self.topk], "topk_index": [n, self.topk], "topk_fill": [n]}
+            shapes |= {"boxes": [n, 4], "flips": [n], "mix_perm": [n]}
             for name, shape in shapes.items():
                 if name not in handle.keys() or handle.get_slice(name).get_shape() != shape:
                     raise LabelStoreError(f"{self.epoch_path(e)} has no {name} of shape {shape}, as the manifest "
@@ -218,6 +231,9 @@ class LabelStore:
                 ids = handle.get_tensor("batch_ids").tolist()
             except Exception as e:
                 raise LabelStoreError(f"{path} is truncated or not a safetensors label file ({e})") from e
+            if len(offsets) != len(ids) + 1 or offsets[0] != 0 or any(a > b for a, b in zip(offsets, offsets[1:])) \
+                    or set(ids) != set(self.present[epoch]):
+                raise LabelStoreError(f"{path} does not hold the batches the manifest lists for epoch {epoch}")
             self._handles[epoch] = handle
             self._offsets[epoch] = {b: (offsets[i], offsets[i + 1]) for i, b in enumerate(ids)}
         return self._handles[epoch]

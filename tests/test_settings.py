@@ -44,6 +44,18 @@ BAD_SETTINGS = [  # (--set key=value, the words the error must show)
     ("device=tpu", "device='tpu'"),
     ("method_overrides={lpld: {r_bn: -0.1}}", "recover settings of lpld: r_bn=-0.1"),
     ("method_overrides={lpld: {rbn: 0.1}}", "unknown keys ['rbn']"),
+    ("relabel.topk=0", "topk=0"),
+    ("relabel.topk_fill=max", "topk_fill='max'"),
+    ("student.temperature_schedule=linear", "temperature_schedule='linear'"),
+    ("student.temperature_gamma=0", "temperature_gamma=0.0"),
+    ("student.temperature_ratio=-1", "temperature_ratio=-1.0"),
+    ("student.student_temperature=0", "student_temperature=0.0"),
+    ("student.hard_epochs=1.5", "hard_epochs=1.5"),
+    ("student.hard_weight=-0.1", "hard_weight=-0.1"),
+    ("student.scores_from=runs/x", "scores_from='runs/x'"),
+    ("frontier.methods=[real]", "frontier.methods='real'"),
+    ("frontier.topk=[2]", "frontier topk=[2]"),
+    ("frontier.policies={constant: {}, hot: {temperature: 0}}", "policy 'hot': temperature=0.0"),
 ]
 
 

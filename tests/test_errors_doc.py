@@ -1,0 +1,21 @@
+"""docs/errors.md names a test for every error it documents; each of those tests exists."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_test_the_errors_table_names_exists():
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", doc))
+    assert len(named) >= 25
+    for file, test in sorted(named):
+        assert re.search(rf"^def {test}\(", (ROOT / "tests" / file).read_text(), re.M), f"{file}::{test} is missing"
+
+
+def test_every_bad_setting_of_the_suite_is_in_the_table():
+    from test_settings import BAD_SETTINGS
+
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    rows = re.findall(r"^\| `--set (.+?)` \| `(.+?)` \|$", doc, re.M)
+    assert rows == BAD_SETTINGS

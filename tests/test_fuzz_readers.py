@@ -1,0 +1,130 @@
+"""Random and mutated manifests, safetensors files and checkpoints fed to every reader: each raises dsutil's own
+clear error (ValueError and its LabelStoreError/SettingError kinds, naming the file), never another exception,
+a crash or a hang, and never runs code."""
+import json
+import shutil
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dsutil.files import load_model, load_tensors, read_json, save_model
+from dsutil.labels import LabelStore
+from dsutil.models import build_model
+from dsutil.recover import RecoverConfig, recover, recover_dir
+from dsutil.relabel import RelabelConfig, relabel
+from dsutil.train import _load_checkpoint
+
+FUZZ = settings(max_examples=30, database=None, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def originals(copy_squeeze, tmp_path_factory):
+    """A real label store, model file and student checkpoint: the files the mutations start from."""
+    root = tmp_path_factory.mktemp("fuzz")
+    run = copy_squeeze(root / "run")
+    recover(run, RecoverConfig(method="real", ipc=2), device="cpu", progress=False)
+    store = relabel(run, recover_dir(run, "real", 2), RelabelConfig(epochs=2, batch_size=10, topk=3), device="cpu",
+                    progress=False)
+    model = build_model("convnet", 10, 1, 28, width=8, depth=2)
+    save_model(root / "model.safetensors", model, {"arch": "convnet", "num_classes": 10, "in_channels": 1,
+                                                   "image_size": 28, "width": 8, "depth": 2})
+    opt = torch.optim.AdamW(model.parameters())
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 0}, root / "checkpoint.pt")
+    return {"store": store, "model": root / "model.safetensors", "checkpoint": root / "checkpoint.pt"}
+
+
+def mutate(data: bytes, edits) -> bytes:
+    """Overwrite, delete or truncate at the drawn positions."""
+    b = bytearray(data)
+    for kind, pos, value in edits:
+        if not b:
+            break
+        pos %= len(b)
+        if kind == "set":
+            b[pos] = value
+        elif kind == "cut":
+            del b[pos:]
+        else:
+            del b[pos:pos + 1 + value % 16]
+    return bytes(b)
+
+
+EDITS = st.lists(st.tuples(st.sampled_from(["set", "cut", "del"]), st.integers(0, 10**6), st.integers(0, 255)),
+                 min_size=1, max_size=6)
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+
+
+def expect_clear_error(fn, path):
+    """``fn`` either works or raises a ValueError that names ``path``."""
+    try:
+        fn()
+    except (ValueError, FileNotFoundError) as e:
+        assert path.name in str(e) or path.parent.name in str(e), f"error does not name the file: {e}"
+
+
+@FUZZ
+@given(edits=EDITS)
+def test_mutated_safetensors_and_models(originals, tmp_path_factory, edits):
+    path = tmp_path_factory.mktemp("m") / "model.safetensors"
+    path.write_bytes(mutate(originals["model"].read_bytes(), edits))
+    expect_clear_error(lambda: load_tensors(path), path)
+    expect_clear_error(lambda: load_model(path), path)
+
+
+@FUZZ
+@given(data=st.binary(max_size=300))
+def test_random_bytes_as_safetensors_json_and_checkpoint(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("r")
+    for name, read in (("x.safetensors", load_tensors), ("manifest.json", read_json),
+                       ("checkpoint.pt", lambda p: _load_checkpoint(p, "cpu"))):
+        (folder / name).write_bytes(data)
+        expect_clear_error(lambda: read(folder / name), folder / name)
+
+
+@FUZZ
+@given(edits=EDITS)
+def test_mutated_checkpoints(originals, tmp_path_factory, edits):
+    path = tmp_path_factory.mktemp("c") / "checkpoint.pt"
+    path.write_bytes(mutate(originals["checkpoint"].read_bytes(), edits))
+    expect_clear_error(lambda: _load_checkpoint(path, "cpu"), path)
+
+
+def read_everything(store_path):
+    store = LabelStore(store_path)
+    store.check_files()
+    for key in store.keys():
+        store.read(*key)
+
+
+@FUZZ
+@given(edits=EDITS, which=st.integers(0, 2))
+def test_mutated_label_stores(originals, tmp_path_factory, edits, which):
+    store = tmp_path_factory.mktemp("s") / "store"
+    shutil.copytree(originals["store"], store)
+    target = sorted(store.iterdir())[which]  # epoch00000, epoch00001 or manifest.json
+    target.write_bytes(mutate(target.read_bytes(), edits))
+    expect_clear_error(lambda: read_everything(store), target)
+
+
+@FUZZ
+@given(key=st.sampled_from(["format_version", "classes", "present", "epochs", "batches_per_epoch", "dtype", "topk",
+                            "images", "images_sha256"]), value=JSON)
+def test_manifests_with_a_field_of_any_value(originals, tmp_path_factory, key, value):
+    store = tmp_path_factory.mktemp("j") / "store"
+    shutil.copytree(originals["store"], store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps(manifest | {key: value}))
+    expect_clear_error(lambda: read_everything(store), store / "manifest.json")
+
+
+@FUZZ
+@given(doc=JSON)
+def test_any_json_document_as_a_manifest(tmp_path_factory, doc):
+    store = tmp_path_factory.mktemp("d") / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text(json.dumps(doc))
+    expect_clear_error(lambda: LabelStore(store), store / "manifest.json")
