@@ -34,7 +34,7 @@ def cmd_squeeze(args) -> None:
     from .squeeze import TeacherConfig, squeeze
 
     cfg = TeacherConfig(**{k: v for k, v in vars(args).items() if k in TeacherConfig.__dataclass_fields__})
-    summary = squeeze(_load_data(args), args.out, cfg, device=args.device)
+    summary = squeeze(_load_data(args), args.out, cfg, device=args.device, restart=args.restart)
     print(f"teacher {cfg.arch}: test top-1 {summary['test_top1']:.4f} in {summary['seconds']:.1f} s -> {args.out}")
 
 
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="start from cached torchvision weights")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the mnist5k train/test split")
+    p.add_argument("--restart", action="store_true",
+                   help="replace the teacher of a finished run in --out, removing everything made from it")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.set_defaults(func=cmd_squeeze)
 

@@ -90,7 +90,7 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
 
     stages("squeeze", out / "squeeze.stage.json",
            {"data": asdict(cfg.data), "teacher": asdict(cfg.teacher), "checkpoint": cfg.teacher_checkpoint},
-           [], lambda: squeeze(data, out, cfg.teacher, cfg.device, progress, cfg.teacher_checkpoint))
+           [], lambda: squeeze(data, out, cfg.teacher, cfg.device, progress, cfg.teacher_checkpoint, restart=True))
     teacher, spec, _, info = load_squeezed(out)
     methods: dict[str, dict] = {}
     for method in cfg.methods:

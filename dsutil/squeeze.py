@@ -6,6 +6,7 @@ one pass of the training set in eval mode, not from momentum averages.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,13 +180,30 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
     return model.eval()
 
 
+# what a run holds that was made from its teacher: replaced or removed with it
+MADE_FROM_TEACHER = ("teacher.safetensors", "bn_stats.safetensors", "squeeze.json", "summary.json", "frontier.json",
+                     "squeeze.stage.json", "recover", "labels", "students", "frontier", "figures")
+
+
 def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), device: str = "auto",
-            progress: bool = True, teacher_checkpoint=None) -> dict:
-    """Train (or load) and save the teacher, its BN statistics and ``squeeze.json`` under ``out_dir``."""
+            progress: bool = True, teacher_checkpoint=None, restart: bool = False) -> dict:
+    """Train (or load) and save the teacher, its BN statistics and ``squeeze.json`` (last) under ``out_dir``.
+
+    A finished run there is refused, since its images, labels and students came from its teacher; with
+    ``restart`` they are removed first (the experiment runner does so when the squeeze settings change).
+    """
     out_dir, dev = Path(out_dir), resolve_device(device)
     if cfg.epochs == 0 and not (cfg.pretrained or teacher_checkpoint):
         raise ValueError("teacher epochs=0 would keep an untrained teacher; train it (epochs >= 1), or start from "
                          "--pretrained weights or a teacher checkpoint")
+    if (out_dir / "squeeze.json").exists():
+        if not restart:
+            raise ValueError(f"{out_dir} already holds a squeezed run (squeeze.json); its images, labels and students "
+                             "were made from its teacher. Choose another --out, or pass --restart to replace the "
+                             "teacher and remove everything made from it")
+        for name in MADE_FROM_TEACHER:
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     start = time.time()
     if teacher_checkpoint:
         model, spec = load_model(teacher_checkpoint, dev)

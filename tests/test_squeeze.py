@@ -4,7 +4,7 @@ from torch import nn
 
 from dsutil.files import load_model, read_json
 from dsutil.models import build_model
-from dsutil.squeeze import BNStats, bn_statistics
+from dsutil.squeeze import BNStats, TeacherConfig, bn_statistics, squeeze
 
 
 def brute_force(model, x, y, num_classes):
@@ -97,3 +97,19 @@ def test_squeeze_run_saves_a_good_teacher_and_its_statistics(mnist_run, mnist):
     assert stats.class_count.tolist() == [400.0] * 10
     assert [s.shape for s in stats.class_mean] == [(10, 64)] * 3
     assert all(torch.isfinite(v).all() and (v >= 0).all() for v in stats.class_var)
+
+
+def test_squeeze_onto_a_finished_run_is_refused_or_replaces_everything_made_from_it(copy_squeeze, mnist, tmp_path):
+    from dsutil.recover import RecoverConfig, recover
+
+    run = copy_squeeze(tmp_path / "run")
+    recover(run, RecoverConfig(method="real", ipc=1), device="cpu", progress=False)
+    teacher = (run / "teacher.safetensors").read_bytes()
+    cfg = TeacherConfig(width=8, depth=1, epochs=1)
+    with pytest.raises(ValueError, match="already holds a squeezed run.*--restart"):
+        squeeze(mnist, run, cfg, device="cpu", progress=False)
+    assert (run / "teacher.safetensors").read_bytes() == teacher and (run / "recover").exists()
+    squeeze(mnist, run, cfg, device="cpu", progress=False, restart=True)
+    assert (run / "teacher.safetensors").read_bytes() != teacher
+    assert not (run / "recover").exists()  # images of the old teacher are gone with it
+    assert sorted(p.name for p in run.iterdir()) == ["bn_stats.safetensors", "squeeze.json", "teacher.safetensors"]
