@@ -72,6 +72,13 @@ def cmd_train(args) -> None:
           f"-> {out}")
 
 
+def cmd_import(args) -> None:
+    from .import_set import import_images
+
+    out = import_images(args.run, args.images, args.name, device=args.device)
+    print(f"imported {args.images} -> {out} (relabel it with: dsutil relabel --run {args.run} --images {out})")
+
+
 def cmd_labels_size(args) -> None:
     import json
 
@@ -169,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("import", formatter_class=DefaultsHelp,
+                       help="bring an ImageFolder of distilled images made elsewhere into RUN/recover/NAME")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--images", required=True, type=Path, help="one folder per class, named as the run's classes")
+    p.add_argument("--name", required=True, help="the folder under RUN/recover/")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_import)
 
     from .labels import TOPK_FILLS
     from .relabel import MIXES, RelabelConfig

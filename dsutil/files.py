@@ -42,6 +42,13 @@ def write_json(path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def write_jsonl(path, rows: list[dict]) -> None:
+    """One JSON object per line (per-epoch metrics), rewritten whole and atomically: a crash keeps the last
+    complete file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
 def json_ready(obj):
     """Round-trip through JSON so tuples and lists compare equal."""
     return json.loads(json.dumps(obj, default=str))

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .augment import random_shift_flip
 from .data import ImageData
-from .files import load_model, load_tensors, save_model, save_tensors, write_json
+from .files import load_model, load_tensors, save_model, save_tensors, write_json, write_jsonl
 from .models import build_model
 from .runtime import resolve_device, seed_everything
 from .settings import non_negative, one_of, positive
@@ -148,8 +148,10 @@ def normalised_batches(data: ImageData, batch_size: int = 256, split: str = "tra
         yield data.normalize(x), y
 
 
-def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: bool = True) -> nn.Module:
-    """Train a classifier on the real training split with a cosine schedule."""
+def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: bool = True,
+                  metrics_path: Path | None = None) -> nn.Module:
+    """Train a classifier on the real training split with a cosine schedule; ``metrics_path`` gets one JSON
+    line per epoch (mean loss, accuracy on the augmented training batches, learning rate, seconds)."""
     gen = seed_everything(cfg.seed)
     c, h, _ = data.shape
     model = build_model(cfg.arch, data.num_classes, c, h, width=cfg.width, depth=cfg.depth,
@@ -168,20 +170,30 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
                                                 pct_start=0.15, anneal_strategy="cos")
     model.train()
     bar = tqdm(range(cfg.epochs), desc="teacher", disable=not progress)
-    for _ in bar:
+    history, start = [], time.time()
+    for epoch in bar:
+        total = torch.zeros(3, device=device)  # loss sum, correct, images
         for x, y in loader:
-            x = random_shift_flip(x.float() / 255, cfg.shift, data.flip, gen).to(device)
-            loss = nn.functional.cross_entropy(model(data.normalize(x)), y.to(device))
+            x, y = random_shift_flip(x.float() / 255, cfg.shift, data.flip, gen).to(device), y.to(device)
+            logits = model(data.normalize(x))
+            loss = nn.functional.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+            total += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
+        loss_sum, correct, n = total.tolist()
+        history.append({"epoch": epoch, "loss": loss_sum / n, "train_top1": correct / n, "lr": sched.get_last_lr()[0],
+                        "seconds": time.time() - start})
+        bar.set_postfix(loss=f"{loss_sum / n:.3f}")
+        if metrics_path is not None:
+            write_jsonl(metrics_path, history)
     return model.eval()
 
 
 # what a run holds that was made from its teacher: replaced or removed with it
-MADE_FROM_TEACHER = ("teacher.safetensors", "bn_stats.safetensors", "squeeze.json", "summary.json", "frontier.json",
+MADE_FROM_TEACHER = ("teacher.safetensors", "bn_stats.safetensors", "squeeze.json", "teacher_metrics.jsonl",
+                     "summary.json", "frontier.json",
                      "squeeze.stage.json", "recover", "labels", "students", "frontier", "figures")
 
 
@@ -211,7 +223,7 @@ def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), devi
             raise ValueError(f"{teacher_checkpoint} has {spec['num_classes']} classes, the data {data.num_classes}")
         cfg = TeacherConfig(**{**asdict(cfg), "arch": spec["arch"], "epochs": 0})
     else:
-        model = train_teacher(data, cfg, dev, progress)
+        model = train_teacher(data, cfg, dev, progress, out_dir / "teacher_metrics.jsonl")
     train_seconds = time.time() - start
     metrics = evaluate(model, data, "test", dev)
     c, h, _ = data.shape

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import ImageData
 from .evaluate import evaluate
 from .dynamics import Dynamics, load_scores
-from .files import atomic_path, read_json, save_model, save_tensors, write_json
+from .files import atomic_path, read_json, save_model, save_tensors, write_json, write_jsonl
 from .labels import DYNAMICS_METRICS, PRUNE_METRICS, LabelStore, LabelStoreError, check_prune_ratio, file_sha256, select_batches
 from .models import build_model
 from .relabel import replay
@@ -267,8 +267,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
                             "steps": len(losses), "seconds": time.time() - started})
             losses = []
             bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
-            with atomic_path(out_dir / "metrics.jsonl") as tmp:
-                tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
+            write_jsonl(out_dir / "metrics.jsonl", history)
             with atomic_path(ckpt) as tmp:
                 torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch, "fingerprint": fingerprint,

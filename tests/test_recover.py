@@ -183,3 +183,35 @@ def test_pack_groups_fills_passes_in_order_up_to_the_limit():
     assert [len(p) for p in passes] == [3, 3, 1]
     assert [g for p in passes for g in p] == groups
     assert [len(p) for p in pack_groups(groups, 2)] == [1] * 7  # a group larger than the limit goes alone
+
+
+def test_import_of_an_image_folder_made_elsewhere(copy_squeeze, tmp_path):
+    """The PNG folder of a recovered set, with its classes reordered on disk, imports to the same 8-bit
+    pixels, labels and class order; folders that do not match the classes are refused by name."""
+    import shutil
+
+    from dsutil.cli import main
+    from dsutil.data import DatasetError
+    from dsutil.import_set import import_images
+
+    run = copy_squeeze(tmp_path / "run")
+    recover(run, RecoverConfig(method="real", ipc=2), device="cpu", progress=False)
+    src = recover_dir(run, "real", 2) / "png"
+    elsewhere = tmp_path / "elsewhere"
+    for k, cls in enumerate(sorted(p.name for p in src.iterdir())[::-1]):  # made in another order and naming
+        shutil.copytree(src / cls, elsewhere / cls)
+        for j, f in enumerate(sorted((elsewhere / cls).iterdir())):
+            f.rename(f.with_name(f"img{9 - j}.png"))
+    assert main(["import", "--run", str(run), "--images", str(elsewhere), "--name", "other", "--device", "cpu"]) == 0
+    got, got_labels, meta = load_images(run / "recover" / "other")
+    want, want_labels, want_meta = load_images(recover_dir(run, "real", 2))
+    assert meta["classes"] == want_meta["classes"] and torch.equal(got_labels, want_labels)
+    info = read_json(run / "squeeze.json")["dataset"]
+    to_uint8 = lambda x: ((x * info["std"][0] + info["mean"][0]).clamp(0, 1) * 255).round()  # noqa: E731
+    assert sorted(map(tuple, to_uint8(got).flatten(1).tolist())) == sorted(map(tuple, to_uint8(want).flatten(1).tolist()))
+    assert read_json(run / "recover" / "other" / "recover.json")["images_per_class"] == [2] * 10
+
+    shutil.move(str(elsewhere / "3"), str(elsewhere / "three"))
+    with pytest.raises(DatasetError, match=r"matching no class: \['three'\].*no folder: \['3'\]"):
+        import_images(run, elsewhere, "bad", device="cpu")
+    assert not (run / "recover" / "bad").exists()

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -112,4 +114,7 @@ def test_squeeze_onto_a_finished_run_is_refused_or_replaces_everything_made_from
     squeeze(mnist, run, cfg, device="cpu", progress=False, restart=True)
     assert (run / "teacher.safetensors").read_bytes() != teacher
     assert not (run / "recover").exists()  # images of the old teacher are gone with it
-    assert sorted(p.name for p in run.iterdir()) == ["bn_stats.safetensors", "squeeze.json", "teacher.safetensors"]
+    assert sorted(p.name for p in run.iterdir()) == ["bn_stats.safetensors", "squeeze.json", "teacher.safetensors",
+                                                     "teacher_metrics.jsonl"]
+    lines = [json.loads(line) for line in (run / "teacher_metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0] and 0 <= lines[0]["train_top1"] <= 1 and lines[0]["loss"] > 0
