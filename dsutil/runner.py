@@ -216,6 +216,9 @@ def ensure_student(run_dir, method: str, scfg, ipc: int, device: str = "auto", d
     if scfg.metric in DYNAMICS_METRICS and scfg.scores_from is None:
         full = replace(scfg, prune_ratio=0.0, metric="random")
         reference = ensure_student(run_dir, method, full, ipc, device, data, progress, stages, store)
+        if not (Path(reference["dir"]) / "dynamics.safetensors").exists():  # trained before students kept them
+            shutil.rmtree(reference["dir"])
+            reference = ensure_student(run_dir, method, full, ipc, device, data, progress, stages, store)
         scfg = replace(scfg, scores_from=reference["dir"])
     store = store or label_store_dir(run_dir, method, ipc)
     sdir = folder or run_dir / "students" / student_name(method, ipc, scfg)
