@@ -76,8 +76,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a squeezed run (e.g. from dsutil demo)")
     p.add_argument("--kills", type=int, default=20)
-    p.add_argument("--relabel-epochs", type=int, default=400)
-    p.add_argument("--student-epochs", type=int, default=100)
+    p.add_argument("--relabel-epochs", type=int, default=1000)
+    p.add_argument("--student-epochs", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("/tmp/dsutil-crash-loop"))
     args = p.parse_args()
@@ -94,7 +94,7 @@ def main() -> None:
                               lambda: same_store(clean / "labels", crashed / "labels")),
                              ("train", train_cmd(args.run, clean / "labels", crashed / "student", args.student_epochs),
                               lambda: same_student(clean / "student", crashed / "student"))):
-        delays = [rng.uniform(1.0, 12.0) for _ in range(args.kills)]
+        delays = [rng.uniform(3.0, 6.0) for _ in range(args.kills)]  # the import of torch takes about 3 s
         killed = kill_until_done(cmd, delays)
         print(json.dumps({"stage": stage, "kills": len(killed), "kill_times_s": [round(d, 2) for d in killed],
                           "equal_to_clean_run": same()}), flush=True)

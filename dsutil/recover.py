@@ -296,7 +296,8 @@ def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: s
     settings = asdict(cfg) | {"teacher": spec}
     if (out / "settings.json").exists():
         old = read_json(out / "settings.json")
-        if json_ready(old) != json_ready(settings):
+        made = any((out / "units").glob("*.safetensors"))  # a run that failed before making anything blocks nothing
+        if json_ready(old) != json_ready(settings) and made:
             raise ValueError(f"{out} holds images made with other settings; remove it or use another method name")
     write_json(out / "settings.json", settings)
     shape = (spec["in_channels"], spec["image_size"], spec["image_size"])
