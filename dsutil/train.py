@@ -238,7 +238,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
                          num_workers=workers)  # one loader over every remaining step: workers start once
     bar = tqdm(total=len(todo), desc="student", disable=not progress)
     student.train()
-    losses = []
+    loss_sum, steps_done = 0.0, 0  # summed on the device: no host sync per step
     for i, (x, target, index, y, y_partner, lam) in enumerate(batches):
         epoch = todo_epoch[i]
         t_teacher, t_student = cfg.temperatures(epoch, epochs)
@@ -259,13 +259,13 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
         opt.step()
         sched.step()
         bar.update()
-        losses.append(loss.item())
+        loss_sum, steps_done = loss_sum + loss.detach(), steps_done + 1
         if i + 1 == len(todo) or todo_epoch[i + 1] != epoch:  # end of a student epoch
-            history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
+            history.append({"epoch": epoch, "loss": float(loss_sum) / steps_done, "lr": sched.get_last_lr()[0],
                             "temperature": t_teacher, "student_temperature": t_student,
                             "labels": "hard" if epoch >= soft_epochs else "online" if cfg.online else "soft",
-                            "steps": len(losses), "seconds": time.time() - started})
-            losses = []
+                            "steps": steps_done, "seconds": time.time() - started})
+            loss_sum, steps_done = 0.0, 0
             bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
             write_jsonl(out_dir / "metrics.jsonl", history)
             with atomic_path(ckpt) as tmp:
