@@ -56,7 +56,8 @@ def cmd_relabel(args) -> None:
     from .relabel import RelabelConfig, relabel
 
     cfg = RelabelConfig(**{k: v for k, v in vars(args).items() if k in RelabelConfig.__dataclass_fields__})
-    store = relabel(args.run, args.images, cfg, out=args.out, device=args.device, restart=args.restart)
+    store = relabel(args.run, args.images, cfg, out=args.out, device=args.device, restart=args.restart,
+                    workers=args.workers)
     print(f"label store {store}: {human_bytes(LabelStore(store).disk_bytes())} on disk")
 
 
@@ -174,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=r.seed)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--pixels", default=r.pixels, choices=["uint8", "float32"],
+                   help="how images.safetensors keeps the set (uint8, as PNGs do; float32: 4x the disk)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_recover)
 
@@ -208,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=None, help="store folder (default RUN/labels/<name>)")
     p.add_argument("--restart", action="store_true", help="relabel from scratch in an --out that holds another store")
+    p.add_argument("--teacher-bf16", action="store_true", help="the teacher labels under bf16 autocast (GPUs)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader processes replaying batches (default: the cores but one, at most 8)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_relabel)
 

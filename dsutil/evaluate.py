@@ -5,13 +5,16 @@ import torch
 
 from .analysis import expected_calibration_error
 from .data import ImageData
+from .runtime import loader_options
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, data: ImageData, split: str = "test", batch_size: int = 500,
-            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a real split, in eval mode, without augmentation."""
-    loader = torch.utils.data.DataLoader(getattr(data, split), batch_size=batch_size)
+            device: torch.device | str = "cpu", workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a real split, in eval mode, without augmentation (image files are decoded by
+    ``workers`` processes; None: see :func:`~dsutil.runtime.loader_options`)."""
+    ds = getattr(data, split)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, **loader_options(ds, workers, device))
     model.eval()
     logits, labels = [], []
     for x, y in loader:
@@ -20,9 +23,10 @@ def predict(model: torch.nn.Module, data: ImageData, split: str = "test", batch_
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate(model: torch.nn.Module, data: ImageData, split: str = "test", device="cpu") -> dict:
+def evaluate(model: torch.nn.Module, data: ImageData, split: str = "test", device="cpu",
+             workers: int | None = None) -> dict:
     """Top-1 and top-5 (fractions) and expected calibration error on a real split."""
-    logits, labels = predict(model, data, split, device=device)
+    logits, labels = predict(model, data, split, device=device, workers=workers)
     k = min(5, logits.shape[1])
     topk = logits.topk(k, 1).indices
     return {"top1": float((topk[:, 0] == labels).float().mean()),

@@ -11,19 +11,21 @@ from pathlib import Path
 
 import torch
 
-from .files import save_tensors, write_json
+from .files import write_json
+from .image_store import READ_BATCH, ImageSet, write_image_set
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
     """Write ``RUN/recover/NAME`` (images.safetensors, png/, recover.json) from the ImageFolder ``folder``;
-    images are converted to the teacher's channels and resized to its input size."""
+    images are converted to the teacher's channels and resized to its input size, and streamed: a set of
+    any size is imported in the memory of a few hundred images."""
     import torchvision.transforms.v2.functional as TF
     from PIL import Image
 
-    from .data import DatasetError, save_image_folder
-    from .recover import load_squeezed
+    from .data import DatasetError
+    from .recover import load_squeezed, predicted, write_pngs
     from .runtime import resolve_device
 
     folder, run_dir, dev = Path(folder), Path(run_dir), resolve_device(device)
@@ -42,32 +44,36 @@ def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
                            + (f"classes with no folder: {missing[:10]}{' ...' if len(missing) > 10 else ''}"
                               if missing else ""))
     mode, size = ("L" if spec["in_channels"] == 1 else "RGB"), spec["image_size"]
-    mean, std = (torch.tensor(info["dataset"][k]).view(-1, 1, 1) for k in ("mean", "std"))
-    images, labels = [], []
+    files, labels = [], []
     for c, cls in enumerate(classes):
-        files = sorted(p for p in (folder / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        found = sorted(p for p in (folder / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
             raise DatasetError(f"{folder / cls} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        for path in files:
-            try:
-                with Image.open(path) as img:
-                    x = TF.pil_to_tensor(img.convert(mode))
-            except Exception as e:
-                raise DatasetError(f"cannot read image {path} ({e})") from None
-            if list(x.shape[-2:]) != [size, size]:
-                x = TF.resize(x, [size, size], antialias=True)
-            images.append((x.float() / 255 - mean) / std)
-            labels.append(c)
-    images, labels = torch.stack(images), torch.tensor(labels)
+        files += found
+        labels += [c] * len(found)
+
+    def rows():  # uint8 pixels, READ_BATCH files at a time: the set is never whole in memory
+        for a in range(0, len(files), READ_BATCH):
+            batch = []
+            for path in files[a:a + READ_BATCH]:
+                try:
+                    with Image.open(path) as img:
+                        x = TF.pil_to_tensor(img.convert(mode))
+                except Exception as e:
+                    raise DatasetError(f"cannot read image {path} ({e})") from None
+                batch.append(x if list(x.shape[-2:]) == [size, size] else TF.resize(x, [size, size], antialias=True))
+            yield torch.stack(batch)
+
     out = run_dir / "recover" / name
-    save_tensors(out / "images.safetensors", {"images": images, "labels": labels},
-                 {"classes": classes, "method": "import", "ipc": None, "source": str(folder.resolve())})
-    save_image_folder((images * std + mean).clamp(0, 1), labels, classes, out / "png")
-    with torch.no_grad():
-        pred = torch.cat([teacher(images[i:i + 256].to(dev)).argmax(1).cpu() for i in range(0, len(images), 256)])
-    counts = torch.bincount(labels, minlength=len(classes))
+    write_image_set(out / "images.safetensors", torch.tensor(labels), (spec["in_channels"], size, size), rows(),
+                    {"classes": classes, "method": "import", "ipc": None, "source": str(folder.resolve()),
+                     "mean": info["dataset"]["mean"], "std": info["dataset"]["std"]})
+    images = ImageSet(out / "images.safetensors")
+    write_pngs(images, out / "png")
+    correct = predicted(teacher, images, dev) == images.labels
     write_json(out / "recover.json", {"method": "import", "source": str(folder.resolve()), "images": len(images),
-                                      "images_per_class": counts.tolist(), "classes": classes, "teacher": spec,
-                                      "teacher_top1_on_images": float((pred == labels).float().mean()),
+                                      "images_per_class": torch.bincount(images.labels, minlength=len(classes)).tolist(),
+                                      "classes": classes, "teacher": spec, "pixels": "uint8",
+                                      "teacher_top1_on_images": float(correct.float().mean()),
                                       "finished": time.time()})
     return out

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import crop_flip, rrc_boxes
-from .files import json_ready, load_model, load_tensors, read_json, save_tensors, write_json
+from .files import atomic_path, json_ready, load_model, load_tensors, read_json, save_tensors, write_json
+from .image_store import ENCODINGS, READ_BATCH, ImageSet, quantise, write_image_set
 from .runtime import derive_seed, resolve_device
-from .settings import check_crop_scale, non_negative, positive
+from .settings import check_crop_scale, non_negative, one_of, positive
 from .squeeze import BNStats, bn_layers
 
 METHODS = {  # name -> (grouping, BN targets)
@@ -56,6 +57,8 @@ class RecoverConfig:
     seed: int = 0
     bf16: bool = False
     channels_last: bool = False
+    pixels: str = "uint8"  # how images.safetensors keeps the set: uint8 (as PNGs do) or normalised float32
+
 
     def __post_init__(self):
         if self.method not in METHODS and self.method != REAL:
@@ -72,6 +75,7 @@ class RecoverConfig:
             positive(name, getattr(self, name))
         for name in ("r_bn", "first_bn_multiplier", "jitter"):
             non_negative(name, getattr(self, name))
+        one_of("pixels", self.pixels, ENCODINGS)
 
 
 @dataclass
@@ -341,50 +345,76 @@ def _pick_real(run_dir, info, cfg: RecoverConfig, classes: range, out: Path) -> 
 
 
 def assemble(run_dir, cfg: RecoverConfig, spec, info, teacher, device, synth_seconds, image_iterations):
-    """Join the unit files into ``images.safetensors``, PNGs and ``recover.json`` once all classes are done."""
-    from .data import save_image_folder
+    """Join the unit files into ``images.safetensors`` (in class order), PNGs and ``recover.json`` once all
+    classes are done; streamed a batch of rows at a time, never the whole set in memory."""
+    from safetensors import safe_open
 
     out = recover_dir(run_dir, cfg.method, cfg.ipc)
     units = sorted((out / "units").glob("*.safetensors"))
-    parts = [load_tensors(u)[0] for u in units]
-    if not parts:
+    if not units:
         return None
-    labels = torch.cat([p["labels"] for p in parts])
+    small = [{k: v for k, v in load_tensors(u)[0].items() if k != "images"} for u in units]  # labels, losses
+    labels = torch.cat([p["labels"] for p in small])
     counts = torch.bincount(labels, minlength=spec["num_classes"])
     if (counts < cfg.ipc).any():
         missing = (counts < cfg.ipc).sum().item()
         print(f"{out}: {missing} of {spec['num_classes']} classes still to do; run the other class ranges")
         return None
+    where = [(u, r) for u, p in zip(units, small) for r in range(len(p["labels"]))]  # unit and row of each image
     order = torch.argsort(labels, stable=True)
-    images, labels = torch.cat([p["images"] for p in parts])[order], labels[order]
-    classes = info["dataset"]["classes"]
-    save_tensors(out / "images.safetensors", {"images": images, "labels": labels},
-                 {"classes": classes, "method": cfg.method, "ipc": cfg.ipc})
-    mean, std = info["dataset"]["mean"], info["dataset"]["std"]
-    pixels = (images * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)).clamp(0, 1)
-    save_image_folder(pixels, labels, classes, out / "png")
-    with torch.no_grad():
-        pred = torch.cat([teacher(images[i:i + 256].to(device)).argmax(1).cpu() for i in range(0, len(images), 256)])
-    correct = (pred == labels).float()
+    classes, mean, std = info["dataset"]["classes"], info["dataset"]["mean"], info["dataset"]["std"]
+
+    def rows():
+        for a in range(0, len(order), READ_BATCH):
+            batch = [where[i] for i in order[a:a + READ_BATCH].tolist()]
+            opened = {u: safe_open(str(u), framework="pt") for u in {u for u, _ in batch}}
+            x = torch.stack([opened[u].get_slice("images")[r] for u, r in batch])
+            yield quantise(x, mean, std) if cfg.pixels == "uint8" else x
+
+    shape = (spec["in_channels"], spec["image_size"], spec["image_size"])
+    write_image_set(out / "images.safetensors", labels[order], shape, rows(),
+                    {"classes": classes, "method": cfg.method, "ipc": cfg.ipc, "mean": mean, "std": std}, cfg.pixels)
+    images = ImageSet(out / "images.safetensors")
+    write_pngs(images, out / "png")
+    correct = (predicted(teacher, images, device) == images.labels).float()
+    labels = images.labels
     summary = {"method": cfg.method, "ipc": cfg.ipc, "settings": asdict(cfg), "teacher": spec,
-               "images": len(images), "classes": classes,
+               "images": len(images), "classes": classes, "pixels": cfg.pixels,
                "teacher_top1_on_images": float(correct.mean()),
                "teacher_top1_per_class": [float(correct[labels == c].mean()) for c in range(len(classes))],
                "seconds_this_process": synth_seconds,
                "image_iterations_per_second": image_iterations / synth_seconds if synth_seconds else None}
     if cfg.method != REAL:
-        ce = torch.cat([p["ce"] for p in parts])[order]
-        bn = torch.cat([p["bn"].expand(len(p["labels"])) for p in parts])[order]
+        ce = torch.cat([p["ce"] for p in small])[order]
+        bn = torch.cat([p["bn"].expand(len(p["labels"])) for p in small])[order]
         summary["final_loss_per_class"] = {"ce": [float(ce[labels == c].mean()) for c in range(len(classes))],
                                            "bn": [float(bn[labels == c].mean()) for c in range(len(classes))]}
     write_json(out / "recover.json", summary)
     return summary
 
 
+def write_pngs(images: ImageSet, root: Path) -> None:
+    """The set as PNGs in an ImageFolder layout, ``root/<class>/<k>.png``: the files other tools read."""
+    from PIL import Image
+
+    counts: dict[int, int] = {}
+    for a in range(0, len(images), READ_BATCH):
+        pixels = images.pixels(slice(a, a + READ_BATCH)).permute(0, 2, 3, 1).numpy()
+        for img, c in zip(pixels, images.labels[a:a + READ_BATCH].tolist()):
+            k = counts[c] = counts.get(c, -1) + 1
+            with atomic_path(root / images.classes[c] / f"{k:05d}.png") as tmp:
+                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+
+
+@torch.no_grad()
+def predicted(model: torch.nn.Module, images: ImageSet, device) -> torch.Tensor:
+    """The model's class for every image of a stored set, streamed in batches."""
+    model.eval()
+    return torch.cat([model(x.to(device)).argmax(1).cpu() for x, _ in images.batches()])
+
+
 def load_images(recover_path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Normalised images, labels and metadata of a finished recover folder."""
-    path = Path(recover_path) / "images.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `dsutil recover` to completion first")
-    t, meta = load_tensors(path)
-    return t["images"], t["labels"], meta
+    """Normalised images, labels and metadata of a finished recover folder, all in memory (for analyses of
+    small sets; the stages stream them with :class:`dsutil.image_store.ImageSet`)."""
+    images = ImageSet(Path(recover_path) / "images.safetensors")
+    return images[:], images.labels, images.meta

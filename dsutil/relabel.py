@@ -20,9 +20,13 @@ from tqdm.auto import tqdm
 
 from .augment import rrc_boxes
 from .files import json_ready, read_json, write_json
-from .labels import DTYPES, FORMAT_VERSION, TOPK_FILLS, BatchRecord, check_prune_ratio, file_sha256, write_epoch
-from .recover import load_images, load_squeezed
-from .runtime import derive_seed, resolve_device
+from torch.utils.data import DataLoader, Dataset
+
+from .image_store import ImageSet
+from .labels import (DTYPES, FORMAT_VERSION, TOPK_FILLS, BatchRecord, LabelStore, check_prune_ratio, file_sha256,
+                     write_epoch)
+from .recover import load_squeezed
+from .runtime import derive_seed, loader_options, resolve_device
 from .settings import check_crop_scale, one_of, positive, require
 
 MIXES = ("none", "cutmix", "mixup")
@@ -41,6 +45,7 @@ class RelabelConfig:
     prune_ratio: float = 0.0  # when > 0, only a random (1 - r) of the batches is ever generated
     topk: int | None = None  # keep only the K largest logits of every label (None: all of them)
     topk_fill: str = "min"  # what the other classes are rebuilt with: min (LPQLD) or mass (see labels.topk_compress)
+    teacher_bf16: bool = False  # the teacher labels under bf16 autocast (fast on a GPU; logits stored as dtype)
     seed: int = 0
 
     def __post_init__(self):
@@ -97,12 +102,13 @@ def _cutmix_box(lam: float, height: int, width: int, gen: torch.Generator) -> tu
     return box, 1 - (bottom - top) * (right - left) / (height * width)
 
 
-def replay(images: torch.Tensor, rec: BatchRecord) -> torch.Tensor:
-    """The augmented batch of a record, rebuilt from the distilled images with torchvision v2 ops."""
+def replay(images, rec: BatchRecord) -> torch.Tensor:
+    """The augmented batch of a record, rebuilt with torchvision v2 ops from ``images`` (a tensor of the
+    distilled set or an :class:`~dsutil.image_store.ImageSet`, of which only the batch's rows are read)."""
     size = list(images.shape[-2:])
     out = []
-    for i, (top, left, h, w), flip in zip(rec.index.tolist(), rec.boxes.tolist(), rec.flips.tolist()):
-        x = TF.resized_crop(images[i], top, left, h, w, size, antialias=True)
+    for x, (top, left, h, w), flip in zip(images[rec.index], rec.boxes.tolist(), rec.flips.tolist()):
+        x = TF.resized_crop(x, top, left, h, w, size, antialias=True)
         out.append(TF.horizontal_flip(x) if flip else x)
     x = torch.stack(out)
     if rec.mix_lam < 1.0:
@@ -114,6 +120,39 @@ def replay(images: torch.Tensor, rec: BatchRecord) -> torch.Tensor:
         else:  # MixUp
             x = rec.mix_lam * x + (1 - rec.mix_lam) * partner
     return x
+
+
+class StepBatches(Dataset):
+    """Item i is the i-th step's whole batch: the replayed augmented images, the stored logits (None for a
+    step that draws its own crops: relabel, online or hard-label steps), the image indices, their hard
+    labels, their mix partners' and the mix weight. Whole batches as items let stock DataLoader workers
+    read and replay them; a step is ``("stored", epoch, batch)`` (read from the label store at
+    ``store_path``) or ``("fresh", epoch, batch)`` (drawn by :func:`epoch_records` with ``fresh_cfg``).
+    """
+
+    decodes_files = True  # loaders give it worker processes (runtime.loader_options)
+
+    def __init__(self, images: ImageSet, steps: list[tuple[str, int, int]], fresh_cfg: RelabelConfig,
+                 store_path=None):
+        self.images, self.steps, self.fresh_cfg, self.store_path = images, steps, fresh_cfg, store_path
+        self.store, self.fresh = None, (None, [])
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i):
+        kind, epoch, batch = self.steps[i]
+        if kind == "stored":
+            if self.store is None:  # opened per worker process
+                self.store = LabelStore(self.store_path)
+            rec = self.store.read(epoch, batch)
+        else:  # the draws of a fresh epoch, made once per epoch and worker
+            if self.fresh[0] != epoch:
+                self.fresh = (epoch, {r.batch: r for r in epoch_records(len(self.images), self.images.shape[-2:],
+                                                                         self.fresh_cfg, epoch)})
+            rec = self.fresh[1][batch]
+        y = self.images.labels[rec.index]
+        return replay(self.images, rec), rec.logits, rec.index, y, y[rec.mix_perm], rec.mix_lam
 
 
 def _relative_to(path: Path, run_dir) -> str:
@@ -135,22 +174,24 @@ def store_dir(run_dir, images_dir, cfg: RelabelConfig) -> Path:
 
 @torch.no_grad()
 def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, device: str = "auto",
-            progress: bool = True, restart: bool = False) -> Path:
+            progress: bool = True, restart: bool = False, workers: int | None = None) -> Path:
     """Label the distilled images in ``images_dir`` with the run's teacher into a label store.
 
+    ``workers`` DataLoader processes read and replay the batches while the teacher labels (None: as many as
+    :func:`~dsutil.runtime.loader_workers` allows); the store is the same bytes whatever their number.
     The inputs and settings go into ``pending.json`` before any epoch file; an interrupted relabel with
     the same ones resumes, keeping each epoch file that is whole and holds the batches it should. A folder
     made from other inputs or settings is refused, or cleared with ``restart``. ``manifest.json`` is last.
     """
     dev = resolve_device(device)
     teacher, spec, _, info = load_squeezed(run_dir, dev)
-    images, labels, meta = load_images(images_dir)
-    if len(meta["classes"]) != spec["num_classes"]:
-        raise ValueError(f"{images_dir} has {len(meta['classes'])} classes, the teacher {spec['num_classes']}")
+    images = ImageSet(Path(images_dir) / "images.safetensors")
+    if len(images.classes) != spec["num_classes"]:
+        raise ValueError(f"{images_dir} has {len(images.classes)} classes, the teacher {spec['num_classes']}")
     require(cfg.topk is None or cfg.topk <= spec["num_classes"], "topk", cfg.topk,
             f"at most the number of classes ({spec['num_classes']})")
     out = Path(out) if out else store_dir(run_dir, images_dir, cfg)
-    intent = {"images_sha256": file_sha256(Path(images_dir) / "images.safetensors"),
+    intent = {"images_sha256": file_sha256(images.path),
               "teacher_sha256": file_sha256(Path(run_dir) / "teacher.safetensors"), "settings": json_ready(asdict(cfg))}
     for marker in (out / "manifest.json", out / PENDING):  # epoch files present are reused only for the same inputs
         if marker.exists():
@@ -170,20 +211,30 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
     if cfg.prune_ratio:  # known before relabelling: only the kept batches are generated
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "prune"))
         keep = set(torch.randperm(total, generator=gen)[:max(1, round(total * (1 - cfg.prune_ratio)))].tolist())
-    present = {}
-    for epoch in tqdm(range(cfg.epochs), desc="relabel", disable=not progress):
+    present, steps = {}, []  # the kept batches of each epoch; the steps still to label
+    for epoch in range(cfg.epochs):
         records = [r for r in epoch_records(n, hw, cfg, epoch) if epoch * per_epoch + r.batch in keep]
         present[epoch] = [r.batch for r in records]
-        path = out / f"epoch{epoch:05d}.safetensors"
-        if not records or _holds(path, records):
-            continue
-        for r in records:
-            r.logits = teacher(replay(images, r).to(dev)).float().cpu()
-        write_epoch(path, records, spec["num_classes"], cfg.dtype, cfg.topk, cfg.topk_fill)
+        if records and not _holds(out / f"epoch{epoch:05d}.safetensors", records):
+            steps += [("fresh", epoch, r.batch) for r in records]
+    batches = StepBatches(images, steps, cfg)
+    loader = DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev))
+    done: list[BatchRecord] = []
+    for i, (x, *_) in enumerate(tqdm(loader, desc="relabel", disable=not progress)):
+        epoch, batch = steps[i][1:]
+        if not done:
+            records = {r.batch: r for r in epoch_records(n, hw, cfg, epoch)}
+        with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.teacher_bf16):
+            records[batch].logits = teacher(x.to(dev, non_blocking=True)).float().cpu()
+        done.append(records[batch])
+        if i + 1 == len(steps) or steps[i + 1][1] != epoch:  # the epoch's last batch: write its file
+            write_epoch(out / f"epoch{epoch:05d}.safetensors", done, spec["num_classes"], cfg.dtype, cfg.topk,
+                        cfg.topk_fill)
+            done = []
     present = {e: b for e, b in present.items() if b}
-    manifest = {"format_version": FORMAT_VERSION, "classes": meta["classes"], "teacher": spec,
+    manifest = {"format_version": FORMAT_VERSION, "classes": images.classes, "teacher": spec,
                 "teacher_sha256": intent["teacher_sha256"],
-                "images": _relative_to(Path(images_dir) / "images.safetensors", run_dir),
+                "images": _relative_to(images.path, run_dir),
                 "images_sha256": intent["images_sha256"],
                 "num_images": n, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                 "batches_per_epoch": per_epoch, "dtype": cfg.dtype, "topk": cfg.topk, "topk_fill": cfg.topk_fill,

@@ -21,7 +21,8 @@ from .config import ExperimentConfig
 from .files import json_ready, read_json, write_json
 from .labels import DYNAMICS_METRICS, LabelStore
 from .models import penultimate_features
-from .recover import load_images, load_squeezed, recover, recover_dir
+from .image_store import ImageSet
+from .recover import load_squeezed, recover, recover_dir
 from .relabel import relabel
 from .squeeze import squeeze
 from .train import train_student
@@ -31,7 +32,9 @@ from .train import train_student
 # (which gives the results of before), so that adding a setting does not redo every finished stage.
 ADDED_LATER = {"topk": None, "topk_fill": "min", "temperature_schedule": "constant", "temperature_step_epochs": 30,
                "temperature_gamma": 0.7, "temperature_min": 1.0, "student_temperature": None,
-               "temperature_ratio": 1.0, "hard_epochs": 0.0, "hard_weight": 0.0, "scores_from": None}
+               "temperature_ratio": 1.0, "hard_epochs": 0.0, "hard_weight": 0.0, "scores_from": None,
+               "teacher_bf16": False,
+               "pixels": "float32"}  # not today's default: sets were float32 before uint8 image stores
 
 
 def settings_hash(settings: dict, upstream: list[str]) -> str:
@@ -97,7 +100,7 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
         rcfg = cfg.recover_config(method)
         rdir = ensure_recover(out, rcfg, cfg.device, progress, stages)
         store = ensure_labels(out, method, rcfg.ipc, cfg.relabel, cfg.device, progress, stages)
-        images, labels, _ = load_images(rdir)
+        images = ImageSet(rdir / "images.safetensors")  # streamed through the teacher in batches
         students = []
         for metric in cfg.prune_metrics:
             for ratio in cfg.prune_ratios:
@@ -105,7 +108,7 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
                                        rcfg.ipc, cfg.device, data, progress, stages) for seed in seeds]
                 students.append({"prune_ratio": ratio, "metric": metric} | over_seeds(runs, seeds))
         methods[method] = {"ipc": rcfg.ipc,
-                           "within_class_cosine": within_class_cosine(penultimate_features(teacher, images), labels),
+                           "within_class_cosine": within_class_cosine(penultimate_features(teacher, images), images.labels),
                            "teacher_top1_on_images": read_json(rdir / "recover.json")["teacher_top1_on_images"],
                            "label_bytes_full": LabelStore(store).kept_bytes(LabelStore(store).keys()),
                            "label_bytes_on_disk": LabelStore(store).disk_bytes(),

@@ -17,12 +17,26 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def loader_workers(requested: int) -> int:
-    """DataLoader worker processes: as asked, but never more than the cores this process may use."""
+def loader_workers(requested: int | None = None) -> int:
+    """DataLoader worker processes: as asked, but never more than the cores this process may use; None
+    leaves one core to the main process (at most 8 workers; 0 on a single core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested is None:
+        return min(8, cores - 1)
     if requested < 0:
         raise ValueError(f"workers must be 0 or more, got {requested}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(requested, cores)
+
+
+def loader_options(dataset, workers: int | None, device, epochs: int = 1) -> dict:
+    """DataLoader keywords: worker processes for datasets that decode files (``workers=None``: as
+    :func:`loader_workers` allows; in-memory datasets get none, they have nothing to decode), pinned memory
+    when batches go to a GPU, and workers kept alive across epochs."""
+    if workers is None and not getattr(dataset, "decodes_files", False):
+        workers = 0
+    workers = loader_workers(workers)
+    return {"num_workers": workers, "pin_memory": torch.device(device).type == "cuda",
+            "persistent_workers": workers > 0 and epochs > 1}
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -20,7 +20,7 @@ from .augment import random_shift_flip
 from .data import ImageData
 from .files import load_model, load_tensors, save_model, save_tensors, write_json, write_jsonl
 from .models import build_model
-from .runtime import resolve_device, seed_everything
+from .runtime import loader_options, resolve_device, seed_everything
 from .settings import non_negative, one_of, positive
 from .evaluate import evaluate
 
@@ -142,14 +142,17 @@ def bn_statistics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
     return stats
 
 
-def normalised_batches(data: ImageData, batch_size: int = 256, split: str = "train"):
-    """``(normalised float images, labels)`` over a split, in order, for statistics."""
-    for x, y in torch.utils.data.DataLoader(getattr(data, split), batch_size=batch_size):
-        yield data.normalize(x), y
+def normalised_batches(data: ImageData, batch_size: int = 256, split: str = "train", workers: int | None = None,
+                       device="cpu"):
+    """``(normalised float images, labels)`` over a split, in order, for statistics; files are decoded by
+    ``workers`` processes (None: see :func:`~dsutil.runtime.loader_options`)."""
+    ds = getattr(data, split)
+    for x, y in torch.utils.data.DataLoader(ds, batch_size=batch_size, **loader_options(ds, workers, device)):
+        yield data.normalize(x.to(device, non_blocking=True)), y
 
 
 def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: bool = True,
-                  metrics_path: Path | None = None) -> nn.Module:
+                  metrics_path: Path | None = None, workers: int | None = None) -> nn.Module:
     """Train a classifier on the real training split with a cosine schedule; ``metrics_path`` gets one JSON
     line per epoch (mean loss, accuracy on the augmented training batches, learning rate, seconds)."""
     gen = seed_everything(cfg.seed)
@@ -165,7 +168,8 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
     if cfg.epochs == 0:  # a pretrained teacher used as it is
         return model.eval()
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                         drop_last=len(data.train) > cfg.batch_size)
+                                         drop_last=len(data.train) > cfg.batch_size,
+                                         **loader_options(data.train, workers, device, cfg.epochs))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * len(loader),
                                                 pct_start=0.15, anneal_strategy="cos")
     model.train()
@@ -198,9 +202,10 @@ MADE_FROM_TEACHER = ("teacher.safetensors", "bn_stats.safetensors", "squeeze.jso
 
 
 def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), device: str = "auto",
-            progress: bool = True, teacher_checkpoint=None, restart: bool = False) -> dict:
+            progress: bool = True, teacher_checkpoint=None, restart: bool = False, workers: int | None = None) -> dict:
     """Train (or load) and save the teacher, its BN statistics and ``squeeze.json`` (last) under ``out_dir``.
 
+    ``workers`` decode image files for every pass over real data (None: the cores but one, for folders).
     A finished run there is refused, since its images, labels and students came from its teacher; with
     ``restart`` they are removed first (the experiment runner does so when the squeeze settings change).
     """
@@ -223,15 +228,16 @@ def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), devi
             raise ValueError(f"{teacher_checkpoint} has {spec['num_classes']} classes, the data {data.num_classes}")
         cfg = TeacherConfig(**{**asdict(cfg), "arch": spec["arch"], "epochs": 0})
     else:
-        model = train_teacher(data, cfg, dev, progress, out_dir / "teacher_metrics.jsonl")
+        model = train_teacher(data, cfg, dev, progress, out_dir / "teacher_metrics.jsonl", workers)
     train_seconds = time.time() - start
-    metrics = evaluate(model, data, "test", dev)
+    metrics = evaluate(model, data, "test", dev, workers)
     c, h, _ = data.shape
     if not teacher_checkpoint:
         spec = {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
                 "width": cfg.width, "depth": cfg.depth}
     save_model(out_dir / "teacher.safetensors", model, spec)
-    stats = bn_statistics(model, tqdm(normalised_batches(data), desc="BN statistics", disable=not progress,
+    stats = bn_statistics(model, tqdm(normalised_batches(data, workers=workers, device=dev), desc="BN statistics",
+                                      disable=not progress,
                                       total=-(-len(data.train) // 256)), data.classes, dev)
     stats.save(out_dir / "bn_stats.safetensors")
     summary = {"dataset": data.describe(), "teacher": spec, "settings": asdict(cfg), "device": str(dev),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import ImageData
@@ -18,8 +18,9 @@ from .dynamics import Dynamics, load_scores
 from .files import atomic_path, read_json, save_model, save_tensors, write_json, write_jsonl
 from .labels import DYNAMICS_METRICS, PRUNE_METRICS, LabelStore, LabelStoreError, check_prune_ratio, file_sha256, select_batches
 from .models import build_model
-from .relabel import replay
-from .runtime import loader_workers, resolve_device
+from .image_store import ImageSet
+from .relabel import StepBatches
+from .runtime import loader_options, loader_workers, resolve_device
 from .settings import non_negative, one_of, positive, require
 
 
@@ -89,38 +90,6 @@ class StudentConfig:
         return round(epochs * self.hard_epochs)
 
 
-class StepBatches(Dataset):
-    """Item i is the i-th training step's whole batch: replayed augmented images, the stored logits (None
-    for a step that draws its own crops: online or hard-label steps), the images' hard labels, their mix
-    partners' and the mix weight. Whole batches as items let stock DataLoader workers read and replay them.
-    """
-
-    def __init__(self, store_path, images: torch.Tensor, labels: torch.Tensor, steps: list[tuple[str, int, int]],
-                 fresh_cfg):
-        self.store_path, self.images, self.labels, self.steps, self.fresh_cfg = \
-            store_path, images, labels, steps, fresh_cfg
-        self.store, self.fresh = None, (None, [])
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def __getitem__(self, i):
-        from .relabel import epoch_records
-
-        kind, epoch, batch = self.steps[i]
-        if kind == "stored":
-            if self.store is None:  # opened per worker process
-                self.store = LabelStore(self.store_path)
-            rec = self.store.read(epoch, batch)
-        else:  # the crops of a fresh epoch, drawn once per epoch and worker
-            if self.fresh[0] != epoch:
-                self.fresh = (epoch, epoch_records(len(self.images), tuple(self.images.shape[-2:]), self.fresh_cfg,
-                                                   epoch))
-            rec = self.fresh[1][batch]
-        y = self.labels[rec.index]
-        return replay(self.images, rec), rec.logits, rec.index, y, y[rec.mix_perm], rec.mix_lam
-
-
 def batch_schedule(kept: list[tuple[int, int]], epochs: int, per_epoch: int, granularity: str,
                    seed: int) -> list[list[tuple[int, int]]]:
     """Which stored batch each step of each student epoch replays.
@@ -169,7 +138,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     A folder holding a run of other settings or inputs is refused, or cleared with ``restart``.
     """
     from .data import load_from_source
-    from .recover import load_images, load_squeezed
+    from .recover import load_squeezed
     from .relabel import RelabelConfig
 
     dev = resolve_device(device)
@@ -188,7 +157,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     finished = _claim(out_dir, fingerprint, restart)
     if finished is not None:
         return finished
-    images, labels, _ = load_images(images_path.parent)
+    images = ImageSet(images_path)  # read a batch at a time
     teacher, spec, _, info = load_squeezed(run_dir, dev)
     data = data or load_from_source(info["dataset"]["source"])
     if store.num_classes != data.num_classes:
@@ -234,8 +203,8 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
                               epochs=epochs, seed=cfg.seed + 1)
     first = step_epoch.index(start_epoch) if start_epoch < epochs else len(steps)
     todo, todo_epoch = steps[first:], step_epoch[first:]
-    batches = DataLoader(StepBatches(store.path, images, labels, todo, fresh_cfg), batch_size=None,
-                         num_workers=workers)  # one loader over every remaining step: workers start once
+    batches = StepBatches(images, todo, fresh_cfg, store.path)
+    batches = DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev))  # one loader over every remaining step: workers start once
     bar = tqdm(total=len(todo), desc="student", disable=not progress)
     student.train()
     loss_sum, steps_done = 0.0, 0  # summed on the device: no host sync per step

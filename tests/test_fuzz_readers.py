@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dsutil.image_store import ImageSet
 from dsutil.files import load_model, load_tensors, read_json, save_model
 from dsutil.labels import LabelStore
 from dsutil.models import build_model
@@ -32,7 +33,8 @@ def originals(copy_squeeze, tmp_path_factory):
                                                    "image_size": 28, "width": 8, "depth": 2})
     opt = torch.optim.AdamW(model.parameters())
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 0}, root / "checkpoint.pt")
-    return {"store": store, "model": root / "model.safetensors", "checkpoint": root / "checkpoint.pt"}
+    return {"store": store, "model": root / "model.safetensors", "checkpoint": root / "checkpoint.pt",
+            "images": recover_dir(run, "real", 2) / "images.safetensors"}
 
 
 def mutate(data: bytes, edits) -> bytes:
@@ -83,6 +85,14 @@ def test_random_bytes_as_safetensors_json_and_checkpoint(tmp_path_factory, data)
                        ("checkpoint.pt", lambda p: _load_checkpoint(p, "cpu"))):
         (folder / name).write_bytes(data)
         expect_clear_error(lambda: read(folder / name), folder / name)
+
+
+@FUZZ
+@given(edits=EDITS)
+def test_mutated_image_sets(originals, tmp_path_factory, edits):
+    path = tmp_path_factory.mktemp("i") / "images.safetensors"
+    path.write_bytes(mutate(originals["images"].read_bytes()[:4000], edits))  # the header and the first rows
+    expect_clear_error(lambda: ImageSet(path)[:], path)
 
 
 @FUZZ

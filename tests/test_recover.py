@@ -9,6 +9,7 @@ import torch
 from dsutil.analysis import within_class_cosine
 from dsutil.files import read_json
 from dsutil.models import penultimate_features
+from dsutil.image_store import ImageSet
 from dsutil.recover import (BNTargets, RecoverConfig, load_images, load_squeezed, make_groups, parse_classes,
                             recover, recover_dir, synthesize)
 from dsutil.squeeze import BNStats
@@ -203,12 +204,10 @@ def test_import_of_an_image_folder_made_elsewhere(copy_squeeze, tmp_path):
         for j, f in enumerate(sorted((elsewhere / cls).iterdir())):
             f.rename(f.with_name(f"img{9 - j}.png"))
     assert main(["import", "--run", str(run), "--images", str(elsewhere), "--name", "other", "--device", "cpu"]) == 0
-    got, got_labels, meta = load_images(run / "recover" / "other")
-    want, want_labels, want_meta = load_images(recover_dir(run, "real", 2))
-    assert meta["classes"] == want_meta["classes"] and torch.equal(got_labels, want_labels)
-    info = read_json(run / "squeeze.json")["dataset"]
-    to_uint8 = lambda x: ((x * info["std"][0] + info["mean"][0]).clamp(0, 1) * 255).round()  # noqa: E731
-    assert sorted(map(tuple, to_uint8(got).flatten(1).tolist())) == sorted(map(tuple, to_uint8(want).flatten(1).tolist()))
+    got, want = (ImageSet(d / "images.safetensors") for d in (run / "recover" / "other", recover_dir(run, "real", 2)))
+    assert got.classes == want.classes and torch.equal(got.labels, want.labels)
+    rows = lambda s: sorted(map(tuple, s.pixels(slice(None)).flatten(1).tolist()))  # noqa: E731  (order within a class)
+    assert rows(got) == rows(want)  # the same 8-bit pixels: an imported PNG set is stored losslessly
     assert read_json(run / "recover" / "other" / "recover.json")["images_per_class"] == [2] * 10
 
     shutil.move(str(elsewhere / "3"), str(elsewhere / "three"))

@@ -291,7 +291,7 @@ def test_label_store_of_other_images_is_refused(copy_squeeze, run, tmp_path):
     relabel(other, recover_dir(other, "real", IPC), cfg, device="cpu", progress=False)  # a rerun: same inputs
     path = recover_dir(other, "real", IPC) / "images.safetensors"
     tensors, meta = load_tensors(path)
-    save_tensors(path, {"images": tensors["images"].flip(-1), "labels": tensors["labels"]}, meta)
+    save_tensors(path, {"pixels": tensors["pixels"].flip(-1), "labels": tensors["labels"]}, meta)
     with pytest.raises(LabelStoreError, match="sha256"):
         LabelStore(store).check_images(path)
     with pytest.raises(LabelStoreError, match="sha256"):

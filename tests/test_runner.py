@@ -116,12 +116,17 @@ def test_tiny_imagenet_preset_runs_with_seeds(quick_tiny):
 def test_settings_added_later_change_the_hash_only_when_set():
     from dataclasses import asdict, replace
 
+    from dsutil.recover import RecoverConfig
     from dsutil.relabel import RelabelConfig
     from dsutil.runner import ADDED_LATER, settings_hash
     from dsutil.train import StudentConfig
 
-    defaults = asdict(StudentConfig()) | asdict(RelabelConfig())
-    assert {k: defaults[k] for k in ADDED_LATER} == ADDED_LATER  # the defaults the runs were made with
+    defaults = asdict(StudentConfig()) | asdict(RelabelConfig()) | asdict(RecoverConfig())
+    # the behaviour the runs were made with: today's defaults, except that sets were float32 before uint8 stores
+    assert {k: defaults[k] for k in ADDED_LATER} | {"pixels": "float32"} == ADDED_LATER
+    recover_before = {k: v for k, v in asdict(RecoverConfig()).items() if k != "pixels"}
+    assert settings_hash(asdict(RecoverConfig(pixels="float32")), []) == settings_hash(recover_before, [])
+    assert settings_hash(asdict(RecoverConfig()), []) != settings_hash(recover_before, [])  # uint8: recovered anew
     base = asdict(StudentConfig())
     before = {k: v for k, v in base.items() if k not in ADDED_LATER}  # a student's settings as recorded before
     assert settings_hash(base, ["u"]) == settings_hash(before, ["u"])

@@ -1,0 +1,148 @@
+"""Scaling of the streamed data path: peak memory and speed against the number of distilled images.
+
+For N distilled 64-px RGB images (random pixels: the teacher's speed does not depend on them), each in a fresh
+process so that its peak resident memory (``wait4``'s ru_maxrss: the largest of the process and its DataLoader
+workers) is its own:
+
+* ``dsutil import`` of an ImageFolder of N PNGs into one run (ResNet-18 teacher at 64 px, Tiny-ImageNet classes),
+* ``dsutil relabel`` 1 epoch of batch 50 (0 and 1 replay workers), ``dsutil train`` 1 epoch (ConvNet-64 student),
+
+and in this process: the BN-statistics pass (``bn_statistics`` over ``normalised_batches``) over an ImageFolder
+of the same N files with 0 and 2 decoding workers, and a bare teacher forward at the relabel batch (50) right
+before each relabel, for the ratio relabel / bare. Then a projection for ImageNet-1K from the per-image costs.
+
+    .venv/bin/python benchmarks/bench_scale.py                       # N = 1000, 2000, 5000, 20000
+    .venv/bin/python benchmarks/bench_scale.py --sizes 2000 20000 --out /tmp/scale.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 50
+
+
+def run(args: list[str]) -> dict:
+    """``python -m dsutil ARGS`` in a fresh process: wall seconds and peak RSS in MiB."""
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "dsutil", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"dsutil {' '.join(args)} failed:\n{err[-3000:]}")
+    return {"seconds": time.time() - start, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def make_folder(root: Path, classes: list[str], n: int, size: int = 64) -> None:
+    """root/train/<class>/k.png (n random-pixel PNGs, classes in turn) and root/val/<class>/0.png."""
+    from PIL import Image
+
+    if (root / "done").exists():
+        return
+    rng = np.random.default_rng(n)
+    for k in range(n):
+        folder = root / "train" / classes[k % len(classes)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{k:06d}.png")
+    for c in classes:
+        (root / "val" / c).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "val" / c / "0.png")
+    (root / "done").touch()
+
+
+@torch.no_grad()
+def bare_forward(teacher, n_batches: int = 20) -> float:
+    """Images per second of the teacher alone on random 64-px batches of the relabel batch size."""
+    x = torch.randn(BATCH, 3, 64, 64)
+    teacher(x)
+    start = time.time()
+    for _ in range(n_batches):
+        teacher(x)
+    return n_batches * BATCH / (time.time() - start)
+
+
+def bn_pass(teacher, folder: Path, workers: int) -> float:
+    """Images per second of the BN-statistics pass over an ImageFolder, files decoded by ``workers``."""
+    from dsutil.data import image_folder
+    from dsutil.squeeze import bn_statistics, normalised_batches
+
+    data = image_folder(folder)
+    start = time.time()
+    bn_statistics(teacher, normalised_batches(data, workers=workers), data.classes, "cpu")
+    return len(data.train) / (time.time() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 5000, 20000])
+    p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dsutil_bench_scale")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "bench_scale.json")
+    args = p.parse_args()
+    from dsutil.recover import load_squeezed
+
+    run_dir = args.work / "run"
+    if not (run_dir / "squeeze.json").exists():
+        run(["squeeze", "--dataset", "tiny-imagenet", "--num-classes", "10", "--per-class", "20", "--image-size",
+             "64", "--arch", "resnet18", "--epochs", "1", "--batch-size", "50", "--out", str(run_dir),
+             "--device", "cpu", "--restart"])
+    teacher, spec, _, info = load_squeezed(run_dir)
+    rows = []
+    for n in args.sizes:
+        folder = args.work / f"folder{n}"
+        make_folder(folder, info["dataset"]["classes"], n)
+        name = f"syn{n}"
+        row = {"images": n, "import": run(["import", "--run", str(run_dir), "--images", str(folder / "train"),
+                                           "--name", name, "--device", "cpu"])}
+        for w in (0, 1):
+            store = run_dir / "labels" / f"{name}-w{w}"
+            row[f"bare_forward_img_per_s_w{w}"] = bare_forward(teacher)
+            row[f"relabel_w{w}"] = run(["relabel", "--run", str(run_dir), "--images", str(run_dir / "recover" / name),
+                                        "--epochs", "1", "--batch-size", str(BATCH), "--workers", str(w), "--out",
+                                        str(store), "--restart", "--device", "cpu"])
+            seconds = json.loads((store / "manifest.json").read_text())["seconds"]
+            row[f"relabel_w{w}"] |= {"stage_seconds": seconds, "img_per_s": n / seconds,
+                                     "over_bare": n / seconds / row[f"bare_forward_img_per_s_w{w}"]}
+        student = run_dir / "students" / name
+        row["train"] = run(["train", "--run", str(run_dir), "--labels", str(run_dir / "labels" / f"{name}-w0"),
+                            "--epochs", "1", "--out", str(student), "--restart", "--device", "cpu"])
+        epoch = json.loads((student / "metrics.jsonl").read_text().splitlines()[0])
+        row["train"] |= {"epoch_seconds": epoch["seconds"], "img_per_s": n / epoch["seconds"]}
+        for w in (0, 2):
+            row[f"bn_pass_img_per_s_w{w}"] = bn_pass(teacher, folder, w)
+        row["image_set_mib"] = (run_dir / "recover" / name / "images.safetensors").stat().st_size / 2**20
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {"command": " ".join(sys.argv), "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                                                          "cores": os.cpu_count(), "threads": torch.get_num_threads()},
+              "teacher": spec, "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    lines = ["| N | import s | import MiB | relabel w0 img/s | w0 / bare | relabel w1 img/s | w1 / bare | relabel MiB "
+             "(w0) | train img/s | train MiB | BN pass w0 img/s | w2 img/s |", "|" + " --- |" * 12]
+    for r in result["rows"]:
+        lines.append(f"| {r['images']} | {r['import']['seconds']:.0f} | {r['import']['peak_rss_mib']:.0f} | "
+                     f"{r['relabel_w0']['img_per_s']:.0f} | {r['relabel_w0']['over_bare']:.2f} | "
+                     f"{r['relabel_w1']['img_per_s']:.0f} | {r['relabel_w1']['over_bare']:.2f} | "
+                     f"{r['relabel_w0']['peak_rss_mib']:.0f} | {r['train']['img_per_s']:.0f} | "
+                     f"{r['train']['peak_rss_mib']:.0f} | {r['bn_pass_img_per_s_w0']:.0f} | "
+                     f"{r['bn_pass_img_per_s_w2']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
