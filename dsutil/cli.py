@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+
+RUN_HELP = "run directory with squeeze outputs (under torchrun write --run-dir: torchrun takes --run for its --run-path)"
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -34,7 +38,8 @@ def cmd_squeeze(args) -> None:
     from .squeeze import TeacherConfig, squeeze
 
     cfg = TeacherConfig(**{k: v for k, v in vars(args).items() if k in TeacherConfig.__dataclass_fields__})
-    summary = squeeze(_load_data(args), args.out, cfg, device=args.device, restart=args.restart)
+    summary = squeeze(_load_data(args), args.out, cfg, device=args.device, restart=args.restart,
+                      teacher_checkpoint=args.teacher_checkpoint)
     print(f"teacher {cfg.arch}: test top-1 {summary['test_top1']:.4f} in {summary['seconds']:.1f} s -> {args.out}")
 
 
@@ -151,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="start from cached torchvision weights")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the mnist5k train/test split")
+    p.add_argument("--teacher-checkpoint", type=Path, default=None,
+                   help="a teacher saved by dsutil (teacher.safetensors) used as it is, instead of training one")
     p.add_argument("--restart", action="store_true",
                    help="replace the teacher of a finished run in --out, removing everything made from it")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -158,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recover", formatter_class=DefaultsHelp, help="synthesise IPC images per class by BN matching (or pick real ones)")
     r = RecoverConfig()
-    p.add_argument("--run", required=True, type=Path, help="run directory with squeeze outputs")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path, help=RUN_HELP)
     p.add_argument("--method", default=r.method, choices=[*METHODS, REAL])
     p.add_argument("--ipc", type=int, default=r.ipc, help="images per class")
     p.add_argument("--iterations", type=int, default=r.iterations)
@@ -182,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", formatter_class=DefaultsHelp,
                        help="bring an ImageFolder of distilled images made elsewhere into RUN/recover/NAME")
-    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path, help=RUN_HELP)
     p.add_argument("--images", required=True, type=Path, help="one folder per class, named as the run's classes")
     p.add_argument("--name", required=True, help="the folder under RUN/recover/")
     p.add_argument("--device", default="auto")
@@ -193,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("relabel", formatter_class=DefaultsHelp, help="store FKD-style soft labels of augmented crops, with replay recipes")
     d = RelabelConfig()
-    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path, help=RUN_HELP)
     p.add_argument("--images", required=True, type=Path, help="a recover folder, e.g. RUN/recover/lpld-ipc10")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -222,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", formatter_class=DefaultsHelp, help="train a student on a label store and evaluate it on real test images")
     d = StudentConfig()
-    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path, help=RUN_HELP)
     p.add_argument("--labels", required=True, type=Path, help="label store folder")
     p.add_argument("--prune-ratio", type=float, default=d.prune_ratio)
     p.add_argument("--metric", default=d.metric, choices=PRUNE_METRICS)
@@ -232,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", dest="arch", default=d.arch)
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--norm", default=d.norm, choices=["batch", "instance"], help="convnet normalisation")
     p.add_argument("--epochs", type=int, default=None, help="default: the store's relabel epochs")
     p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float, default=d.lr)
@@ -293,12 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; under torchrun every rank runs it, and only rank 0 prints."""
+    from .runtime import is_main, start_ranks, stop_ranks
+
     args = build_parser().parse_args(argv)
+    start_ranks()
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"dsutil {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        stop_ranks()
     return 0
 
 

@@ -5,7 +5,7 @@ import torch
 
 from .analysis import expected_calibration_error
 from .data import ImageData
-from .runtime import loader_options
+from .runtime import gather_rows, loader_options, my_rows, world_size
 
 
 @torch.no_grad()
@@ -13,14 +13,19 @@ def predict(model: torch.nn.Module, data: ImageData, split: str = "test", batch_
             device: torch.device | str = "cpu", workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a real split, in eval mode, without augmentation (image files are decoded by
     ``workers`` processes; None: see :func:`~dsutil.runtime.loader_options`)."""
-    ds = getattr(data, split)
+    full = getattr(data, split)
+    ds = torch.utils.data.Subset(full, range(len(full))[my_rows(len(full))]) if world_size() > 1 else full
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, **loader_options(ds, workers, device))
     model.eval()
     logits, labels = [], []
     for x, y in loader:
         logits.append(model(data.normalize(x.to(device))).float().cpu())
         labels.append(y)
-    return torch.cat(logits), torch.cat(labels)
+    if not labels:
+        raise ValueError(f"the {split} split has {len(full)} images, too few for {world_size()} ranks")
+    # under torchrun each rank predicted every world_size-th image; all ranks get them all, in order
+    logits, labels = gather_rows(torch.cat(logits), len(full)), gather_rows(torch.cat(labels), len(full))
+    return logits, labels
 
 
 def evaluate(model: torch.nn.Module, data: ImageData, split: str = "test", device="cpu",

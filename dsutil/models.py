@@ -16,12 +16,17 @@ from torch import nn
 ARCHS = ("convnet", "resnet18", "resnet50", "mobilenet_v2")
 
 
+NORMS = ("batch", "instance")  # convnet's normalisation: BatchNorm, or instance norm (per image, as in DC/DM)
+
+
 class ConvNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 64, depth: int = 3):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 64, depth: int = 3,
+                 norm: str = "batch"):
         super().__init__()
         layers, c, size = [], in_channels, image_size
         for _ in range(depth):
-            layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+            layers += [nn.Conv2d(c, width, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(width) if norm == "batch" else nn.GroupNorm(width, width),
                        nn.ReLU(inplace=True), nn.AvgPool2d(2)]
             c, size = width, size // 2
         if size < 1:
@@ -35,7 +40,7 @@ class ConvNet(nn.Module):
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 224, *,
                 width: int = 64, depth: int = 3, small_stem: bool | None = None,
-                pretrained: bool = False) -> nn.Module:
+                pretrained: bool = False, norm: str = "batch") -> nn.Module:
     """Build ``arch`` for ``num_classes`` and ``in_channels`` x ``image_size`` inputs.
 
     ``small_stem`` defaults to True for images of 64 px or less. ``pretrained``
@@ -44,7 +49,11 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
     if arch == "convnet":
         if pretrained:
             raise ValueError("no pretrained weights exist for convnet; train it with `dsutil squeeze`")
-        return ConvNet(in_channels, num_classes, image_size, width, depth)
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
+        return ConvNet(in_channels, num_classes, image_size, width, depth, norm)
+    if norm != "batch":
+        raise ValueError(f"norm={norm!r} is a convnet option; {arch} keeps its BatchNorm")
     if arch not in ARCHS:
         raise ValueError(f"unknown model {arch!r}; expected one of {', '.join(ARCHS)}")
     import torchvision.models as tvm

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .augment import crop_flip, rrc_boxes
 from .files import atomic_path, json_ready, load_model, load_tensors, read_json, save_tensors, write_json
 from .image_store import ENCODINGS, READ_BATCH, ImageSet, quantise, write_image_set
-from .runtime import derive_seed, resolve_device
+from .runtime import barrier, derive_seed, is_main, my_share, resolve_device
 from .settings import check_crop_scale, non_negative, one_of, positive
 from .squeeze import BNStats, bn_layers
 
@@ -303,21 +303,25 @@ def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: s
         made = any((out / "units").glob("*.safetensors"))  # a run that failed before making anything blocks nothing
         if json_ready(old) != json_ready(settings) and made:
             raise ValueError(f"{out} holds images made with other settings; remove it or use another method name")
-    write_json(out / "settings.json", settings)
+    progress = progress and is_main()
     shape = (spec["in_channels"], spec["image_size"], spec["image_size"])
     mean, std = info["dataset"]["mean"], info["dataset"]["std"]
     low = torch.tensor([(0 - m) / s for m, s in zip(mean, std)]).view(-1, 1, 1)
     high = torch.tensor([(1 - m) / s for m, s in zip(mean, std)]).view(-1, 1, 1)
     start = time.time()
+    # the units still missing, seen alike by every rank before any writes; each rank makes its share
+    groups = [g for g in make_groups(cfg.method, cfg.ipc, classes, cfg.seed, cfg.chunk_classes)
+              if not (out / "units" / f"{g.name}.safetensors").exists()] if cfg.method != REAL else []
+    barrier()
+    if is_main():
+        write_json(out / "settings.json", settings)
     if cfg.method == REAL:
         _pick_real(run_dir, info, cfg, classes, out)
         synth_seconds, image_iterations = 0.0, 0
     else:
         targets = BNTargets(teacher, stats, cfg.global_targets, dev)
-        groups = [g for g in make_groups(cfg.method, cfg.ipc, classes, cfg.seed, cfg.chunk_classes)
-                  if not (out / "units" / f"{g.name}.safetensors").exists()]
         image_iterations = 0
-        passes = pack_groups(groups, cfg.batch_images)
+        passes = pack_groups(my_share(groups), cfg.batch_images)
         for batch in tqdm(passes, desc=f"recover {cfg.method}", disable=not progress):
             synthesize(teacher, batch, targets, cfg.method, cfg, shape, (low, high), dev)
             for g in batch:
@@ -325,7 +329,10 @@ def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: s
                              {"images": g.images, "labels": g.labels, "ce": g.ce, "bn": torch.tensor([g.bn])})
             image_iterations += sum(len(g.labels) for g in batch) * cfg.iterations
         synth_seconds = time.time() - start
-    return assemble(run_dir, cfg, spec, info, teacher, dev, synth_seconds, image_iterations)
+    barrier()  # every rank's units are written
+    summary = assemble(run_dir, cfg, spec, info, teacher, dev, synth_seconds, image_iterations) if is_main() else None
+    barrier()
+    return summary if is_main() or not (out / "recover.json").exists() else read_json(out / "recover.json")
 
 
 def _pick_real(run_dir, info, cfg: RecoverConfig, classes: range, out: Path) -> None:
@@ -333,7 +340,7 @@ def _pick_real(run_dir, info, cfg: RecoverConfig, classes: range, out: Path) -> 
 
     data = load_from_source(info["dataset"]["source"])
     targets = train_targets(data.train)
-    for c in classes:
+    for c in my_share(list(classes)):
         idx = torch.nonzero(targets == c).flatten()
         if len(idx) < cfg.ipc:
             raise ValueError(f"class {data.classes[c]} has {len(idx)} training images, fewer than ipc={cfg.ipc}")

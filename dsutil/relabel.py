@@ -26,7 +26,7 @@ from .image_store import ImageSet
 from .labels import (DTYPES, FORMAT_VERSION, TOPK_FILLS, BatchRecord, LabelStore, check_prune_ratio, file_sha256,
                      write_epoch)
 from .recover import load_squeezed
-from .runtime import derive_seed, loader_options, resolve_device
+from .runtime import barrier, derive_seed, is_main, loader_options, my_share, resolve_device
 from .settings import check_crop_scale, one_of, positive, require
 
 MIXES = ("none", "cutmix", "mixup")
@@ -200,9 +200,14 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
                 if not restart:
                     raise ValueError(f"{out} holds labels made from other images, teacher or settings ({marker.name}); "
                                      "remove it, choose another --out, or pass --restart")
-                shutil.rmtree(out)
+                barrier()  # every rank has read the folder before it goes
+                if is_main():
+                    shutil.rmtree(out)
             break
-    write_json(out / PENDING, intent)  # before any epoch file: a killed run's files say what they were made for
+    barrier()
+    if is_main():
+        write_json(out / PENDING, intent)  # before any epoch file: a killed run's files say what they were made for
+    progress = progress and is_main()
     start = time.time()
     n, hw = len(images), tuple(images.shape[-2:])
     per_epoch = math.ceil(n / cfg.batch_size)
@@ -211,12 +216,14 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
     if cfg.prune_ratio:  # known before relabelling: only the kept batches are generated
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "prune"))
         keep = set(torch.randperm(total, generator=gen)[:max(1, round(total * (1 - cfg.prune_ratio)))].tolist())
-    present, steps = {}, []  # the kept batches of each epoch; the steps still to label
+    present, todo = {}, []  # the kept batches of each epoch; the epochs still to label
     for epoch in range(cfg.epochs):
         records = [r for r in epoch_records(n, hw, cfg, epoch) if epoch * per_epoch + r.batch in keep]
         present[epoch] = [r.batch for r in records]
         if records and not _holds(out / f"epoch{epoch:05d}.safetensors", records):
-            steps += [("fresh", epoch, r.batch) for r in records]
+            todo.append(epoch)
+    barrier()  # every rank has seen which epoch files are whole before any is written
+    steps = [("fresh", e, b) for e in my_share(todo) for b in present[e]]  # under torchrun: whole epochs per rank
     batches = StepBatches(images, steps, cfg)
     loader = DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev))
     done: list[BatchRecord] = []
@@ -231,6 +238,7 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
             write_epoch(out / f"epoch{epoch:05d}.safetensors", done, spec["num_classes"], cfg.dtype, cfg.topk,
                         cfg.topk_fill)
             done = []
+    barrier()  # every rank's epoch files are written
     present = {e: b for e, b in present.items() if b}
     manifest = {"format_version": FORMAT_VERSION, "classes": images.classes, "teacher": spec,
                 "teacher_sha256": intent["teacher_sha256"],
@@ -241,8 +249,10 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
                 "augmentation": {"crop_scale": cfg.crop_scale, "flip": cfg.flip, "mix": cfg.mix,
                                  "mix_alpha": cfg.mix_alpha},
                 "settings": asdict(cfg), "present": present, "seconds": time.time() - start}
-    write_json(out / "manifest.json", manifest)  # last: the store is complete
-    (out / PENDING).unlink()
+    if is_main():
+        write_json(out / "manifest.json", manifest)  # last: the store is complete
+        (out / PENDING).unlink()
+    barrier()
     return out
 
 

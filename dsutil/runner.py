@@ -33,7 +33,7 @@ from .train import train_student
 ADDED_LATER = {"topk": None, "topk_fill": "min", "temperature_schedule": "constant", "temperature_step_epochs": 30,
                "temperature_gamma": 0.7, "temperature_min": 1.0, "student_temperature": None,
                "temperature_ratio": 1.0, "hard_epochs": 0.0, "hard_weight": 0.0, "scores_from": None,
-               "teacher_bf16": False,
+               "teacher_bf16": False, "norm": "batch",
                "pixels": "float32"}  # not today's default: sets were float32 before uint8 image stores
 
 

@@ -1,19 +1,102 @@
-"""Device choice and seeding, in one place so every stage does them alike."""
+"""Device choice, seeding and the process's place among torchrun ranks, in one place so every stage does
+them alike.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`start_ranks` joins the process group once
+(NCCL on GPUs, gloo on the CPU) and each process takes GPU ``LOCAL_RANK``; everywhere else ``rank() == 0``
+and ``world_size() == 1``, so the same code runs as one plain process.
+"""
 from __future__ import annotations
 
 import os
 import random
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+RANK_TIMEOUT = timedelta(hours=12)  # how long a rank waits for the others (rank 0 alone trains the teacher)
+
+
+def start_ranks() -> None:
+    """Join torchrun's process group when launched by it with several processes; idempotent."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=RANK_TIMEOUT)
+
+
+def stop_ranks() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or a plain process): the one that prints progress and writes shared files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """``t`` where the process group can send it (NCCL only moves GPU tensors)."""
+    return t.cuda() if dist.get_backend() == "nccl" else t
+
+
+def sum_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Sum each tensor over the ranks, in place (float64 sums stay float64)."""
+    if dist.is_initialized():
+        for t in tensors:
+            sent = _wire(t)
+            dist.all_reduce(sent)
+            t.copy_(sent)
+
+
+def my_rows(n: int) -> slice:
+    """This rank's rows of an n-row batch: every world_size-th from its rank (all of them in one process)."""
+    return slice(rank(), n, world_size())
+
+
+def gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The whole n-row batch on every rank, from each rank's rows (``t`` = rows :func:`my_rows` of it)."""
+    w = world_size()
+    if w == 1:
+        return t
+    padded = _wire(torch.zeros(-(-n // w), *t.shape[1:], dtype=t.dtype))
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded)
+    whole = torch.empty(n, *t.shape[1:], dtype=t.dtype, device=t.device)
+    for r, part in enumerate(parts):
+        whole[r::w] = part[:len(range(r, n, w))].to(t.device)
+    return whole
+
+
+def my_share(items: list) -> list:
+    """This rank's items of a list split across the ranks: every world_size-th, starting at its rank."""
+    return items[rank()::world_size()]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; never assumes CUDA."""
+    """``auto`` picks CUDA when present (under torchrun: GPU LOCAL_RANK), else the CPU; never assumes CUDA."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+    if device == "cuda" and dist.is_initialized():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return torch.device(device)
 
 

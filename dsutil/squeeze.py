@@ -20,7 +20,8 @@ from .augment import random_shift_flip
 from .data import ImageData
 from .files import load_model, load_tensors, save_model, save_tensors, write_json, write_jsonl
 from .models import build_model
-from .runtime import loader_options, resolve_device, seed_everything
+from .runtime import (barrier, is_main, loader_options, rank, resolve_device, seed_everything, sum_over_ranks,
+                      world_size)
 from .settings import non_negative, one_of, positive
 from .evaluate import evaluate
 
@@ -128,6 +129,7 @@ def bn_statistics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
         for h in handles:
             h.remove()
         model.train(was_training)
+    sum_over_ranks([count, *sums, *squares])  # under torchrun each rank saw a share of the images
     if count.sum() == 0:
         raise ValueError("no images were given to bn_statistics")
     stats = BNStats([n for n, _ in layers], list(classes), count.cpu(), [], [])
@@ -143,10 +145,15 @@ def bn_statistics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
 
 
 def normalised_batches(data: ImageData, batch_size: int = 256, split: str = "train", workers: int | None = None,
-                       device="cpu"):
+                       device="cpu", shard: bool = False):
     """``(normalised float images, labels)`` over a split, in order, for statistics; files are decoded by
-    ``workers`` processes (None: see :func:`~dsutil.runtime.loader_options`)."""
+    ``workers`` processes (None: see :func:`~dsutil.runtime.loader_options`). With ``shard``, this rank's
+    share of the images only (every world_size-th, from its rank)."""
     ds = getattr(data, split)
+    if shard and world_size() > 1:
+        if len(ds) < world_size():
+            raise ValueError(f"{len(ds)} images cannot be shared by {world_size()} ranks")
+        ds = torch.utils.data.Subset(ds, range(rank(), len(ds), world_size()))
     for x, y in torch.utils.data.DataLoader(ds, batch_size=batch_size, **loader_options(ds, workers, device)):
         yield data.normalize(x.to(device, non_blocking=True)), y
 
@@ -218,31 +225,39 @@ def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), devi
             raise ValueError(f"{out_dir} already holds a squeezed run (squeeze.json); its images, labels and students "
                              "were made from its teacher. Choose another --out, or pass --restart to replace the "
                              "teacher and remove everything made from it")
+    barrier()  # every rank has seen the run as it was
+    if (out_dir / "squeeze.json").exists() and is_main():
         for name in MADE_FROM_TEACHER:
             path = out_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    progress = progress and is_main()
     start = time.time()
     if teacher_checkpoint:
         model, spec = load_model(teacher_checkpoint, dev)
         if spec["num_classes"] != data.num_classes:
             raise ValueError(f"{teacher_checkpoint} has {spec['num_classes']} classes, the data {data.num_classes}")
         cfg = TeacherConfig(**{**asdict(cfg), "arch": spec["arch"], "epochs": 0})
-    else:
+    elif is_main():  # one rank trains the teacher; the others wait for it
         model = train_teacher(data, cfg, dev, progress, out_dir / "teacher_metrics.jsonl", workers)
     train_seconds = time.time() - start
-    metrics = evaluate(model, data, "test", dev, workers)
     c, h, _ = data.shape
     if not teacher_checkpoint:
         spec = {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
                 "width": cfg.width, "depth": cfg.depth}
-    save_model(out_dir / "teacher.safetensors", model, spec)
-    stats = bn_statistics(model, tqdm(normalised_batches(data, workers=workers, device=dev), desc="BN statistics",
-                                      disable=not progress,
-                                      total=-(-len(data.train) // 256)), data.classes, dev)
-    stats.save(out_dir / "bn_stats.safetensors")
+    if is_main():
+        save_model(out_dir / "teacher.safetensors", model, spec)
+    barrier()
+    model = load_model(out_dir / "teacher.safetensors", dev)[0]  # every rank: the teacher as saved
+    metrics = evaluate(model, data, "test", dev, workers)  # each rank a share of the test split
+    stats = bn_statistics(model, tqdm(normalised_batches(data, workers=workers, device=dev, shard=True),
+                                      desc="BN statistics", disable=not progress,
+                                      total=-(-len(data.train) // 256 // world_size())), data.classes, dev)
     summary = {"dataset": data.describe(), "teacher": spec, "settings": asdict(cfg), "device": str(dev),
                "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
                "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],
                "train_seconds": train_seconds, "seconds": time.time() - start}
-    write_json(out_dir / "squeeze.json", summary)
+    if is_main():
+        stats.save(out_dir / "bn_stats.safetensors")
+        write_json(out_dir / "squeeze.json", summary)
+    barrier()  # the run is whole before any rank goes on
     return summary

@@ -20,7 +20,8 @@ from .labels import DYNAMICS_METRICS, PRUNE_METRICS, LabelStore, LabelStoreError
 from .models import build_model
 from .image_store import ImageSet
 from .relabel import StepBatches
-from .runtime import loader_options, loader_workers, resolve_device
+from .runtime import (barrier, gather_rows, is_main, loader_options, loader_workers, my_rows, resolve_device,
+                      sum_over_ranks, world_size)
 from .settings import non_negative, one_of, positive, require
 
 
@@ -32,6 +33,7 @@ class StudentConfig:
     arch: str = "convnet"
     width: int = 64
     depth: int = 3
+    norm: str = "batch"  # convnet's normalisation: batch, or instance (per image)
     epochs: int | None = None  # default: the store's relabel epochs, whatever the pruning
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -57,7 +59,11 @@ class StudentConfig:
     def __post_init__(self):
         from .models import ARCHS
 
+        from .models import NORMS
+
         one_of("arch", self.arch, ARCHS)
+        one_of("norm", self.norm, NORMS)
+        require(self.norm == "batch" or self.arch == "convnet", "norm", self.norm, "batch, unless arch is convnet")
         one_of("optimizer", self.optimizer, ("adamw", "sgd"))
         one_of("metric", self.metric, PRUNE_METRICS)
         one_of("granularity", self.granularity, ("batch", "epoch"))
@@ -154,9 +160,11 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     fingerprint = json.dumps({"settings": asdict(cfg), "labels": file_sha256(store.path / "manifest.json"),
                               "images": manifest["images_sha256"],
                               "scores": scores_file and file_sha256(scores_file)}, sort_keys=True, default=str)
-    finished = _claim(out_dir, fingerprint, restart)
-    if finished is not None:
-        return finished
+    finished = _claim(out_dir, fingerprint, restart) if is_main() else None
+    barrier()
+    if (out_dir / "train.json").exists():  # _claim leaves it only when it holds this very run, finished
+        return finished or read_json(out_dir / "train.json")
+    progress = progress and is_main()
     images = ImageSet(images_path)  # read a batch at a time
     teacher, spec, _, info = load_squeezed(run_dir, dev)
     data = data or load_from_source(info["dataset"]["source"])
@@ -181,7 +189,14 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
         step_epoch += [e] * (len(steps) - len(step_epoch))
     c, h, _ = data.shape
     torch.manual_seed(cfg.seed)
-    student = build_model(cfg.arch, data.num_classes, c, h, width=cfg.width, depth=cfg.depth).to(dev)
+    spec = {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
+            "width": cfg.width, "depth": cfg.depth} | ({"norm": cfg.norm} if cfg.norm != "batch" else {})
+    student = build_model(**spec).to(dev)
+    model = student  # what the steps run: under torchrun, DDP around the student (gradients averaged)
+    if world_size() > 1:
+        if dev.type == "cuda":  # BN statistics over the whole batch, as one process has them
+            student = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if dev.type == "cuda" else None)
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -206,23 +221,24 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     batches = StepBatches(images, todo, fresh_cfg, store.path)
     batches = DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev))  # one loader over every remaining step: workers start once
     bar = tqdm(total=len(todo), desc="student", disable=not progress)
-    student.train()
-    loss_sum, steps_done = 0.0, 0  # summed on the device: no host sync per step
+    model.train()
+    loss_sum, steps_done = torch.zeros((), device=dev), 0  # summed on the device: no host sync per step
     for i, (x, target, index, y, y_partner, lam) in enumerate(batches):
         epoch = todo_epoch[i]
         t_teacher, t_student = cfg.temperatures(epoch, epochs)
-        x = x.to(dev)
+        mine = my_rows(len(index))  # under torchrun this rank's share of the batch; DDP averages the gradients
+        x, y, y_partner = x[mine].to(dev, non_blocking=True), y[mine].to(dev), y_partner[mine].to(dev)
         if cfg.online and epoch < soft_epochs:
             with torch.no_grad():
-                target = teacher(x).float()
-        out = student(x)
+                target = gather_rows(teacher(x).float(), len(index))
+        out = model(x)
         if epoch >= soft_epochs:
-            loss = hard_loss(out, y.to(dev), y_partner.to(dev), lam)
+            loss = hard_loss(out, y, y_partner, lam)
         else:
-            loss = kd_loss(out, target.to(dev), t_teacher, cfg.kl_times_t2, t_student)
-            dynamics.observe(index, out, target, epoch)
+            loss = kd_loss(out, target[mine].to(dev), t_teacher, cfg.kl_times_t2, t_student)
+            dynamics.observe(index, gather_rows(out.detach(), len(index)), target, epoch)
             if cfg.hard_weight:
-                loss = (1 - cfg.hard_weight) * loss + cfg.hard_weight * hard_loss(out, y.to(dev), y_partner.to(dev), lam)
+                loss = (1 - cfg.hard_weight) * loss + cfg.hard_weight * hard_loss(out, y, y_partner, lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -230,32 +246,36 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
         bar.update()
         loss_sum, steps_done = loss_sum + loss.detach(), steps_done + 1
         if i + 1 == len(todo) or todo_epoch[i + 1] != epoch:  # end of a student epoch
-            history.append({"epoch": epoch, "loss": float(loss_sum) / steps_done, "lr": sched.get_last_lr()[0],
+            sum_over_ranks([loss_sum])
+            history.append({"epoch": epoch, "loss": float(loss_sum) / steps_done / world_size(),
+                            "lr": sched.get_last_lr()[0],
                             "temperature": t_teacher, "student_temperature": t_student,
                             "labels": "hard" if epoch >= soft_epochs else "online" if cfg.online else "soft",
                             "steps": steps_done, "seconds": time.time() - started})
-            loss_sum, steps_done = 0.0, 0
+            loss_sum, steps_done = torch.zeros((), device=dev), 0
             bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
-            write_jsonl(out_dir / "metrics.jsonl", history)
-            with atomic_path(ckpt) as tmp:
-                torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch, "fingerprint": fingerprint,
-                            "dynamics": dynamics.state}, tmp)
+            if is_main():
+                write_jsonl(out_dir / "metrics.jsonl", history)
+                with atomic_path(ckpt) as tmp:
+                    torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "epoch": epoch, "fingerprint": fingerprint,
+                                "dynamics": dynamics.state}, tmp)
     bar.close()
-    metrics = evaluate(student, data, "test", dev)
+    metrics = evaluate(student, data, "test", dev)  # under torchrun: each rank a share, gathered
     used = sorted({(e, b) for kind, e, b in steps if kind == "stored"})  # the labels this student needed
     result = {"settings": asdict(cfg), "epochs": epochs, "hard_epochs": epochs - soft_epochs,
               "store": str(store.path), "kept_batches": len(kept), "used_batches": len(used),
               "stored_batches": len(store.keys()), "label_bytes": store.kept_bytes(used),
               "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],
-              "seconds": time.time() - started, "device": str(dev), "workers": workers, "fingerprint": fingerprint}
-    save_model(out_dir / "student.safetensors", student,
-               {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
-                "width": cfg.width, "depth": cfg.depth})
-    save_tensors(out_dir / "dynamics.safetensors", dynamics.scores(), {"early_epochs": dynamics.early_epochs})
-    write_json(out_dir / "train.json", result)  # last: the student is finished
-    if not keep_checkpoint:
-        ckpt.unlink()
+              "seconds": time.time() - started, "device": str(dev), "workers": workers, "ranks": world_size(),
+              "fingerprint": fingerprint}
+    if is_main():
+        save_model(out_dir / "student.safetensors", student, spec)
+        save_tensors(out_dir / "dynamics.safetensors", dynamics.scores(), {"early_epochs": dynamics.early_epochs})
+        write_json(out_dir / "train.json", result)  # last: the student is finished
+        if not keep_checkpoint:
+            ckpt.unlink()
+    barrier()
     return result
 
 

@@ -1,0 +1,137 @@
+"""Every stage under torchrun with 2 CPU processes (gloo) against one plain process: BN statistics, recover,
+relabel and the student give the same results; a rank killed mid-recover or mid-relabel is finished by a rerun
+that keeps every unit and epoch file already written."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dsutil.files import read_json
+from dsutil.image_store import ImageSet
+from dsutil.squeeze import BNStats
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1"}  # one thread per rank: 2 ranks on 2 cores, and the same sums
+ITERATIONS = "300"  # recover iterations: about a second per LPLD unit of 2 images, long enough to kill a rank
+
+
+def dsutil(*args, ranks: int = 1, wait: bool = True):
+    """``python -m dsutil ARGS``, under torchrun with ``ranks`` processes when more than one."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
+        if ranks > 1 else [sys.executable]
+    proc = subprocess.Popen([*launch, "-m", "dsutil", *map(str, args)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def kill_one_rank_when(proc, ready, timeout: float = 120) -> None:
+    """SIGKILL torchrun's first worker once ``ready()`` holds; torchrun then stops the other and exits."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    os.kill(int(children[0]), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+
+
+def stamps(folder: Path) -> dict:
+    """Inode and modification time of every file: a file made again gets new ones."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def runs(copy_squeeze, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranks")
+    return {k: copy_squeeze(root / k) for k in ("one", "two", "killed")}
+
+
+def test_bn_statistics_and_evaluation_over_two_ranks_equal_one_process(mnist_run, tmp_path):
+    teacher = mnist_run / "teacher.safetensors"
+    for name, ranks in (("one", 1), ("two", 2)):
+        dsutil("squeeze", "--teacher-checkpoint", teacher, "--out", tmp_path / name, "--device", "cpu", ranks=ranks)
+    one, two = (BNStats.load(tmp_path / n / "bn_stats.safetensors") for n in ("one", "two"))
+    assert torch.equal(one.class_count, two.class_count)
+    for key in ("class_mean", "class_var", "global_mean", "global_var"):
+        for a, b in zip(getattr(one, key), getattr(two, key)):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert read_json(tmp_path / "one" / "squeeze.json")["test_top1"] == read_json(tmp_path / "two" / "squeeze.json")["test_top1"]
+
+
+def test_recover_over_two_ranks_equals_one_and_a_killed_rank_is_finished_by_a_rerun(runs):
+    args = ["recover", "--method", "lpld", "--ipc", "2", "--iterations", ITERATIONS, "--batch-images", "2",
+            "--device", "cpu"]
+    dsutil(*args, "--run-dir", runs["one"])
+    dsutil(*args, "--run-dir", runs["two"], ranks=2)
+    units = runs["killed"] / "recover" / "lpld-ipc2" / "units"
+    proc = dsutil(*args, "--run-dir", runs["killed"], ranks=2, wait=False)
+    kill_one_rank_when(proc, lambda: len(list(units.glob("*.safetensors"))) >= 2)
+    before = stamps(units)
+    assert 2 <= len(before) < 10 and not (units.parent / "images.safetensors").exists()
+    dsutil(*args, "--run-dir", runs["killed"], ranks=2)
+    after = stamps(units)
+    assert len(after) == 10 and all(after[k] == v for k, v in before.items())  # nothing made twice
+    want = ImageSet(runs["one"] / "recover" / "lpld-ipc2" / "images.safetensors")
+    for name in ("two", "killed"):
+        got = ImageSet(runs[name] / "recover" / "lpld-ipc2" / "images.safetensors")
+        assert torch.equal(got.labels, want.labels) and torch.equal(got.pixels(slice(None)), want.pixels(slice(None)))
+        for unit in sorted(units.glob("*.safetensors")):
+            torch.testing.assert_close(load_file(runs[name] / "recover" / "lpld-ipc2" / "units" / unit.name)["images"],
+                                       load_file(want.path.parent / "units" / unit.name)["images"], rtol=1e-5, atol=1e-5)
+
+
+def test_relabel_over_two_ranks_writes_the_same_store_and_a_killed_rank_is_finished_by_a_rerun(runs):
+    for name in runs:  # real images, identical in the three runs
+        dsutil("recover", "--run-dir", runs[name], "--method", "real", "--ipc", "2", "--device", "cpu")
+    args = ["relabel", "--images", "recover/real-ipc2", "--epochs", "60", "--batch-size", "10", "--workers", "0",
+            "--out", "labels/s", "--device", "cpu"]
+
+    def relabel(name, **kw):
+        return dsutil(*[a if a not in ("recover/real-ipc2", "labels/s") else runs[name] / a for a in args],
+                      "--run-dir", runs[name], **kw)
+
+    relabel("one")
+    relabel("two", ranks=2)
+    store = runs["killed"] / "labels" / "s"
+    proc = relabel("killed", ranks=2, wait=False)
+    kill_one_rank_when(proc, lambda: len(list(store.glob("epoch*.safetensors"))) >= 4)
+    before = stamps(store)
+    assert (store / "pending.json").exists() and not (store / "manifest.json").exists() and len(before) < 60
+    relabel("killed", ranks=2)
+    after = stamps(store)
+    assert all(after[k] == v for k, v in before.items()) and not (store / "pending.json").exists()
+    want = runs["one"] / "labels" / "s"
+    for name in ("two", "killed"):
+        files = sorted(p.name for p in (runs[name] / "labels" / "s").glob("epoch*.safetensors"))
+        assert files == sorted(p.name for p in want.glob("epoch*.safetensors")) and len(files) == 60
+        assert all((runs[name] / "labels" / "s" / f).read_bytes() == (want / f).read_bytes() for f in files)
+
+
+def test_a_student_over_two_ranks_matches_one_process_and_is_evaluated(runs):
+    """Batches of 10 split 5 + 5: with instance norm (no statistics across a batch) the DDP student equals the
+    one-process one to float tolerance; a BatchNorm student (per-rank statistics on the CPU) is trained and
+    evaluated too."""
+    store = runs["one"] / "labels" / "s"  # made by the relabel test above
+    if not store.exists():
+        pytest.skip("needs the relabel test's store")
+    args = ["train", "--labels", store, "--epochs", "3", "--width", "16", "--device", "cpu"]
+    dsutil(*args, "--norm", "instance", "--run-dir", runs["one"], "--out", runs["one"] / "s1")
+    dsutil(*args, "--norm", "instance", "--run-dir", runs["one"], "--out", runs["one"] / "s2", ranks=2)
+    one, two = (load_file(runs["one"] / s / "student.safetensors") for s in ("s1", "s2"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    a, b = (read_json(runs["one"] / s / "train.json") for s in ("s1", "s2"))
+    assert b["ranks"] == 2 and abs(a["test_top1"] - b["test_top1"]) <= 0.002
+    dsutil(*args, "--run-dir", runs["one"], "--out", runs["one"] / "bn2", ranks=2)
+    bn = read_json(runs["one"] / "bn2" / "train.json")
+    assert bn["ranks"] == 2 and 0.1 < bn["test_top1"] <= 1 and len((runs["one"] / "bn2" / "metrics.jsonl").read_text().splitlines()) == 3
