@@ -85,6 +85,49 @@ def bn_pass(teacher, folder: Path, workers: int) -> float:
     return len(data.train) / (time.time() - start)
 
 
+def replay_rate(size: int = 224, n: int = 200) -> float:
+    """Images per second one process replays (reads uint8 rows, crops, resizes, flips) at ``size`` px: what
+    each DataLoader worker feeds a GPU at ImageNet resolution."""
+    from dsutil.image_store import ImageSet, write_image_set
+    from dsutil.relabel import RelabelConfig, StepBatches
+
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dsutil_bench_replay{size}.safetensors"
+    pixels = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    write_image_set(path, torch.zeros(n, dtype=torch.long), (3, size, size), [pixels],
+                    {"classes": ["a"], "mean": [0.5] * 3, "std": [0.25] * 3})
+    cfg = RelabelConfig(epochs=2, batch_size=BATCH)
+    steps = [("fresh", e, b) for e in range(2) for b in range(n // BATCH)]
+    batches = StepBatches(ImageSet(path), steps, cfg)
+    batches[0]
+    start = time.time()
+    for i in range(len(steps)):
+        batches[i]
+    return len(steps) * BATCH / (time.time() - start)
+
+
+def projection(rows: list[dict], replay_224: float) -> list[dict]:
+    """ImageNet-1K (224 px, ResNet-18) at IPC 10, 50, 200 on one GPU, from measured rates: recover from the
+    H100 bf16 engine (benchmarks/gpu/recover_resnet18_224_bf16_it50.json), student steps from the bare
+    forward+backward there; relabel assumed at the student's rate (a forward alone is cheaper: an upper
+    bound on time). Host memory: the largest measured peak here plus 56 B per image (labels, dynamics)."""
+    from dsutil.labels import storage_bytes
+
+    gpu = json.loads((ROOT / "benchmarks" / "gpu" / "recover_resnet18_224_bf16_it50.json").read_text())
+    engine, bare = gpu["median_img_it_per_s"]["engine_img_it_per_s"], gpu["median_img_it_per_s"]["bare_img_it_per_s"]
+    peak = max(max(r["relabel_w0"]["peak_rss_mib"], r["train"]["peak_rss_mib"]) for r in rows)
+    out = []
+    for ipc in (10, 50, 200):
+        n = 1000 * ipc
+        out.append({"ipc": ipc, "images": n, "pixels_gib": n * 3 * 224 * 224 / 2**30,
+                    "labels_gib_full": storage_bytes(1000, ipc, 300, 1024) / 2**30,
+                    "labels_gib_r0.975": storage_bytes(1000, ipc, 300, 1024, prune_ratio=0.975) / 2**30,
+                    "host_memory_mib": peak + n * 56 / 2**20,
+                    "recover_hours": n * 4000 / engine / 3600, "relabel_hours_at_most": n * 300 / bare / 3600,
+                    "student_hours": n * 300 / bare / 3600,
+                    "replay_workers_to_feed_gpu": bare / replay_224})
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 5000, 20000])
@@ -125,9 +168,11 @@ def main() -> None:
         row["image_set_mib"] = (run_dir / "recover" / name / "images.safetensors").stat().st_size / 2**20
         rows.append(row)
         print(json.dumps(row), flush=True)
+    replay_224 = replay_rate()
     result = {"command": " ".join(sys.argv), "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                                           "cores": os.cpu_count(), "threads": torch.get_num_threads()},
-              "teacher": spec, "rows": rows}
+              "teacher": spec, "rows": rows, "replay_224_img_per_s_one_process": replay_224,
+              "imagenet1k_projection": projection(rows, replay_224)}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
 
@@ -142,6 +187,14 @@ def table(result: dict) -> str:
                      f"{r['relabel_w0']['peak_rss_mib']:.0f} | {r['train']['img_per_s']:.0f} | "
                      f"{r['train']['peak_rss_mib']:.0f} | {r['bn_pass_img_per_s_w0']:.0f} | "
                      f"{r['bn_pass_img_per_s_w2']:.0f} |")
+    lines += ["", f"replay at 224 px, one process: {result['replay_224_img_per_s_one_process']:.0f} images/s", "",
+              "| ImageNet-1K | images | pixels GiB | labels GiB (full / r=0.975) | host MiB | recover h | relabel h "
+              "(at most) | student h | replay workers per GPU |", "|" + " --- |" * 9]
+    for p in result["imagenet1k_projection"]:
+        lines.append(f"| IPC {p['ipc']} | {p['images']:,} | {p['pixels_gib']:.1f} | {p['labels_gib_full']:.1f} / "
+                     f"{p['labels_gib_r0.975']:.2f} | {p['host_memory_mib']:.0f} | {p['recover_hours']:.1f} | "
+                     f"{p['relabel_hours_at_most']:.1f} | {p['student_hours']:.1f} | "
+                     f"{p['replay_workers_to_feed_gpu']:.0f} |")
     return "\n".join(lines)
 
 

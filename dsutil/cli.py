@@ -25,13 +25,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="keep only the first N classes")
     p.add_argument("--per-class", type=int, default=None, help="keep only the first N training images per class")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size")
+    p.add_argument("--eval-resize", type=int, default=None,
+                   help="imagefolder: resize held-out images' shorter side to this, then crop --image-size (256)")
 
 
 def _load_data(args):
     from .data import load_dataset
 
     return load_dataset(args.dataset, args.data_root, num_classes=args.num_classes, per_class=args.per_class,
-                        image_size=args.image_size, seed=args.data_seed)
+                        image_size=args.image_size, seed=args.data_seed, eval_resize=args.eval_resize)
 
 
 def cmd_squeeze(args) -> None:

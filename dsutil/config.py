@@ -29,11 +29,15 @@ class DataConfig:
     per_class: int | None = None
     image_size: int | None = None
     seed: int = 0
+    eval_resize: int | None = None  # imagefolder: held-out images' shorter side before the image_size crop (256)
 
     def __post_init__(self):
         from .data import DATASETS
 
         one_of("dataset", self.dataset, DATASETS)
+        require(self.eval_resize is None or (self.dataset == "imagefolder" and self.image_size is not None
+                                             and self.eval_resize >= self.image_size), "eval_resize",
+                self.eval_resize, "at least image_size, for an imagefolder with an image_size (or null)")
         for name in ("num_classes", "per_class", "image_size"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, value, "a positive integer or null")
@@ -43,7 +47,7 @@ class DataConfig:
         from .data import load_dataset
 
         return load_dataset(self.dataset, self.root, num_classes=self.num_classes, per_class=self.per_class,
-                            image_size=self.image_size, seed=self.seed)
+                            image_size=self.image_size, seed=self.seed, eval_resize=self.eval_resize)
 
 
 @dataclass

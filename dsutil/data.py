@@ -115,12 +115,18 @@ def train_targets(ds: Dataset) -> torch.Tensor:
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, *, num_classes: int | None = None,
-                 per_class: int | None = None, image_size: int | None = None, seed: int = 0) -> ImageData:
+                 per_class: int | None = None, image_size: int | None = None, seed: int = 0,
+                 eval_resize: int | None = None) -> ImageData:
     """Load a dataset by name; ``root`` is the user's folder where one is needed.
 
     ``num_classes`` keeps the first classes of the class order, ``per_class``
     the first training images of each kept class, ``image_size`` resizes.
+    ``eval_resize`` (image folders) resizes the shorter side of held-out images to it before the centre crop
+    of ``image_size``: 256 for 224, the evaluation transform of torchvision's ImageNet weights.
     """
+    if eval_resize is not None and (name != "imagefolder" or not image_size or eval_resize < image_size):
+        raise DatasetError(f"eval_resize={eval_resize!r}: expected, for an imagefolder with an image_size, a size "
+                           f"of at least image_size ({image_size}) (or none)")
     for key, value in (("num_classes", num_classes), ("per_class", per_class), ("image_size", image_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise DatasetError(f"{key}={value!r}: expected a positive integer (or none)")
@@ -129,7 +135,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, num_classe
     elif name == "tiny-imagenet":
         data = tiny_imagenet(root, num_classes=num_classes, per_class=per_class)
     elif name == "imagefolder":
-        data = image_folder(root, image_size=image_size)
+        data = image_folder(root, image_size=image_size, eval_resize=eval_resize)
     elif name in ("cifar10", "cifar100"):
         data = cifar(name, root)
     else:
@@ -139,7 +145,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, num_classe
     if image_size and name not in ("imagefolder",):
         data = resized(data, image_size)
     data.source = {"name": name, "root": str(root) if root else None, "num_classes": num_classes,
-                   "per_class": per_class, "image_size": image_size, "seed": seed}
+                   "per_class": per_class, "image_size": image_size, "seed": seed} | \
+        ({"eval_resize": eval_resize} if eval_resize else {})  # written with every result that used it
     return data
 
 
@@ -148,7 +155,8 @@ def load_from_source(source: dict) -> ImageData:
     if not source:
         raise DatasetError("this run records no dataset source; re-run `dsutil squeeze`")
     return load_dataset(source["name"], source["root"], num_classes=source["num_classes"],
-                        per_class=source["per_class"], image_size=source["image_size"], seed=source["seed"])
+                        per_class=source["per_class"], image_size=source["image_size"], seed=source["seed"],
+                        eval_resize=source.get("eval_resize"))
 
 
 def mnist5k(seed: int = 0, test_per_class: int = 100) -> ImageData:
@@ -351,8 +359,10 @@ class FolderImages(Dataset):
 
     decodes_files = True  # loaders give it worker processes (runtime.loader_options)
 
-    def __init__(self, files: list[Path], targets: list[int], image_size: int | None = None):
+    def __init__(self, files: list[Path], targets: list[int], image_size: int | None = None,
+                 resize: int | None = None):
         self.files, self.targets, self.image_size = files, torch.as_tensor(targets, dtype=torch.long), image_size
+        self.resize = resize or image_size  # the shorter side before the central crop of image_size
 
     def __len__(self) -> int:
         return len(self.files)
@@ -363,9 +373,9 @@ class FolderImages(Dataset):
                 im = im.convert("RGB")
         except (OSError, ValueError) as e:  # truncated, damaged or not an image at all
             raise DatasetError(f"cannot read image {self.files[i]}: {e}") from e
-        if self.image_size:  # shorter side to image_size, then the central square
-            s, (w, h) = self.image_size, im.size
-            nw, nh = max(s, round(w * s / min(w, h))), max(s, round(h * s / min(w, h)))
+        if self.image_size:  # shorter side to resize, then the central square of image_size
+            r, s, (w, h) = self.resize, self.image_size, im.size
+            nw, nh = max(r, round(w * r / min(w, h))), max(r, round(h * r / min(w, h)))
             if (nw, nh) != (w, h):
                 im = im.resize((nw, nh), Image.BILINEAR)
             left, top = (nw - s) // 2, (nh - s) // 2
@@ -381,7 +391,8 @@ def _class_files(folder: Path) -> list[Path]:
     return files
 
 
-def image_folder(root: str | os.PathLike | None, image_size: int | None = None) -> ImageData:
+def image_folder(root: str | os.PathLike | None, image_size: int | None = None,
+                 eval_resize: int | None = None) -> ImageData:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test``); classes in sorted train order."""
     layout = "root/train/<class>/<images> and root/val/<class>/<images> (or root/test/...)"
     if root is None:
@@ -402,15 +413,15 @@ def image_folder(root: str | os.PathLike | None, image_size: int | None = None) 
     if extra:
         raise DatasetError(f"classes {extra} in {val} have no folder in {root / 'train'}")
 
-    def split(folder: Path, names: list[str]) -> FolderImages:
+    def split(folder: Path, names: list[str], resize: int | None = None) -> FolderImages:
         files, targets = [], []
         for name in names:
             found = _class_files(folder / name)
             files += found
             targets += [classes.index(name)] * len(found)
-        return FolderImages(files, targets, image_size)
+        return FolderImages(files, targets, image_size, resize)
 
-    return ImageData("imagefolder", split(root / "train", classes), split(val, val_classes), classes,
+    return ImageData("imagefolder", split(root / "train", classes), split(val, val_classes, eval_resize), classes,
                      IMAGENET_MEAN, IMAGENET_STD, flip=True)
 
 

@@ -195,8 +195,10 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
               "teacher_sha256": file_sha256(Path(run_dir) / "teacher.safetensors"), "settings": json_ready(asdict(cfg))}
     for marker in (out / "manifest.json", out / PENDING):  # epoch files present are reused only for the same inputs
         if marker.exists():
-            old = read_json(marker)
-            if {k: json_ready(old.get(k)) for k in intent} != intent:
+            old = {k: json_ready(read_json(marker).get(k)) for k in intent}
+            if isinstance(old["settings"], dict):  # settings added since were at their defaults: the old behaviour
+                old["settings"] = json_ready(asdict(RelabelConfig())) | old["settings"]
+            if old != intent:
                 if not restart:
                     raise ValueError(f"{out} holds labels made from other images, teacher or settings ({marker.name}); "
                                      "remove it, choose another --out, or pass --restart")

@@ -24,6 +24,7 @@ from .models import penultimate_features
 from .image_store import ImageSet
 from .recover import load_squeezed, recover, recover_dir
 from .relabel import relabel
+from .runtime import barrier, is_main
 from .squeeze import squeeze
 from .train import train_student
 
@@ -33,13 +34,15 @@ from .train import train_student
 ADDED_LATER = {"topk": None, "topk_fill": "min", "temperature_schedule": "constant", "temperature_step_epochs": 30,
                "temperature_gamma": 0.7, "temperature_min": 1.0, "student_temperature": None,
                "temperature_ratio": 1.0, "hard_epochs": 0.0, "hard_weight": 0.0, "scores_from": None,
-               "teacher_bf16": False, "norm": "batch",
+               "teacher_bf16": False, "norm": "batch", "eval_resize": None,
                "pixels": "float32"}  # not today's default: sets were float32 before uint8 image stores
 
 
 def settings_hash(settings: dict, upstream: list[str]) -> str:
-    kept = {k: v for k, v in settings.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
-    return hashlib.sha256(json.dumps((kept, upstream), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def kept(d):  # sections (squeeze's data: and teacher:) are filtered alike
+        return {k: kept(v) if isinstance(v, dict) else v for k, v in d.items()
+                if k not in ADDED_LATER or v != ADDED_LATER[k]}
+    return hashlib.sha256(json.dumps((kept(settings), upstream), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Stages:
@@ -54,19 +57,24 @@ class Stages:
     def __call__(self, name: str, marker: Path, settings: dict, upstream: list[str], fn, clear: Path | None = None
                  ) -> str:
         h = settings_hash(settings, upstream)
-        if marker.exists() and read_json(marker).get("hash") == h:
+        done = marker.exists() and read_json(marker).get("hash") == h
+        barrier()  # under torchrun every rank decides before any writes
+        if done:
             self.reused.append(name)
             self.seconds[name] = read_json(marker).get("seconds")
             return h
-        if clear is not None and clear.exists():
+        if clear is not None and clear.exists() and is_main():
             shutil.rmtree(clear)
-        if self.progress:
+        barrier()
+        if self.progress and is_main():
             print(f"[dsutil] {name} ...", flush=True)
         start = time.time()
         fn()
         self.seconds[name] = time.time() - start
-        write_json(marker, {"hash": h, "settings": settings, "upstream": upstream, "finished": time.time(),
-                            "seconds": self.seconds[name]})
+        if is_main():
+            write_json(marker, {"hash": h, "settings": settings, "upstream": upstream, "finished": time.time(),
+                                "seconds": self.seconds[name]})
+        barrier()
         self.ran.append(name)
         return h
 
@@ -87,7 +95,8 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
     out, start = Path(out), time.time()
     seeds = cfg.student_seeds()
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", cfg.to_dict())
+    if is_main():
+        write_json(out / "config.json", cfg.to_dict())
     stages = Stages(progress)
     data = cfg.data.load()
 
@@ -122,9 +131,11 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
                "seeds": seeds, "stages": {"ran": stages.ran, "reused": stages.reused},
                "stage_seconds": stages.seconds, "stage_seconds_by_kind": stages.seconds_by_kind(),
                "seconds": time.time() - start}
-    demo_figures(out, summary, data)
-    summary["seconds"] = time.time() - start
-    write_json(out / "summary.json", summary)
+    if is_main():
+        demo_figures(out, summary, data)
+        summary["seconds"] = time.time() - start
+        write_json(out / "summary.json", summary)
+    barrier()
     return summary
 
 
@@ -220,7 +231,9 @@ def ensure_student(run_dir, method: str, scfg, ipc: int, device: str = "auto", d
         full = replace(scfg, prune_ratio=0.0, metric="random")
         reference = ensure_student(run_dir, method, full, ipc, device, data, progress, stages, store)
         if not (Path(reference["dir"]) / "dynamics.safetensors").exists():  # trained before students kept them
-            shutil.rmtree(reference["dir"])
+            if is_main():
+                shutil.rmtree(reference["dir"])
+            barrier()
             reference = ensure_student(run_dir, method, full, ipc, device, data, progress, stages, store)
         scfg = replace(scfg, scores_from=reference["dir"])
     store = store or label_store_dir(run_dir, method, ipc)

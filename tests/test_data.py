@@ -257,6 +257,30 @@ def test_image_folder_resizes_and_crops(folder):
     assert small.shape == (3, 8, 8) and small[1].float().mean() > 200 and small[0].float().mean() < 30
 
 
+def test_eval_resize_gives_torchvision_resize_then_centre_crop_on_held_out_images(tmp_path):
+    """ImageNet-style evaluation (Resize 256 + CenterCrop 224, here 40 + 32): the val split equals torchvision's
+    transforms on the same file; the train split keeps its own resize; bad values are refused."""
+    import numpy as np
+    import torchvision.transforms.v2 as T
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp_path / split / "a" / "x.png")
+    data = load_dataset("imagefolder", tmp_path, image_size=32, eval_resize=40)
+    with Image.open(tmp_path / "val" / "a" / "x.png") as im:
+        resized = T.PILToTensor()(T.Resize(40)(im.convert("RGB")))  # PIL bilinear, shorter side 40
+    assert resized.shape[-2:] == (40, 53)
+    assert torch.equal(data.test[0][0], T.CenterCrop(32)(resized))
+    assert not torch.equal(data.train[0][0], data.test[0][0])  # train: shorter side 32, no margin cropped
+    assert data.source["eval_resize"] == 40
+    with pytest.raises(DatasetError, match="eval_resize=20"):
+        load_dataset("imagefolder", tmp_path, image_size=32, eval_resize=20)
+    with pytest.raises(DatasetError, match="eval_resize=40"):
+        load_dataset("mnist5k", eval_resize=40)
+
+
 def test_image_folder_subset_keeps_targets(folder):
     data = load_dataset("imagefolder", folder, num_classes=1, per_class=1)
     assert data.classes == ["cat"] and train_targets(data.train).tolist() == [0]
