@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -151,16 +152,18 @@ def main() -> None:
                                            "--name", name, "--device", "cpu"])}
         for w in (0, 1):
             store = run_dir / "labels" / f"{name}-w{w}"
+            shutil.rmtree(store, ignore_errors=True)  # a finished store of the same inputs would be kept as it is
             row[f"bare_forward_img_per_s_w{w}"] = bare_forward(teacher)
             row[f"relabel_w{w}"] = run(["relabel", "--run", str(run_dir), "--images", str(run_dir / "recover" / name),
                                         "--epochs", "1", "--batch-size", str(BATCH), "--workers", str(w), "--out",
-                                        str(store), "--restart", "--device", "cpu"])
+                                        str(store), "--device", "cpu"])
             seconds = json.loads((store / "manifest.json").read_text())["seconds"]
             row[f"relabel_w{w}"] |= {"stage_seconds": seconds, "img_per_s": n / seconds,
                                      "over_bare": n / seconds / row[f"bare_forward_img_per_s_w{w}"]}
         student = run_dir / "students" / name
+        shutil.rmtree(student, ignore_errors=True)
         row["train"] = run(["train", "--run", str(run_dir), "--labels", str(run_dir / "labels" / f"{name}-w0"),
-                            "--epochs", "1", "--out", str(student), "--restart", "--device", "cpu"])
+                            "--epochs", "1", "--out", str(student), "--device", "cpu"])
         epoch = json.loads((student / "metrics.jsonl").read_text().splitlines()[0])
         row["train"] |= {"epoch_seconds": epoch["seconds"], "img_per_s": n / epoch["seconds"]}
         for w in (0, 2):

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 
-RUN_HELP = "run directory with squeeze outputs (under torchrun write --run-dir: torchrun takes --run for its --run-path)"
+RUN_HELP = ("run directory with squeeze outputs (under torchrun write --run-dir: torchrun reads --run as its own "
+            "--run-path)")
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):

@@ -71,8 +71,9 @@ def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
     images = ImageSet(out / "images.safetensors")
     write_pngs(images, out / "png")
     correct = predicted(teacher, images, dev) == images.labels
+    counts = torch.bincount(images.labels, minlength=len(classes)).tolist()
     write_json(out / "recover.json", {"method": "import", "source": str(folder.resolve()), "images": len(images),
-                                      "images_per_class": torch.bincount(images.labels, minlength=len(classes)).tolist(),
+                                      "images_per_class": counts,
                                       "classes": classes, "teacher": spec, "pixels": "uint8",
                                       "teacher_top1_on_images": float(correct.float().mean()),
                                       "finished": time.time()})

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .augment import rrc_boxes
 from .files import json_ready, read_json, write_json
-from torch.utils.data import DataLoader, Dataset
-
 from .image_store import ImageSet
 from .labels import (DTYPES, FORMAT_VERSION, TOPK_FILLS, BatchRecord, LabelStore, check_prune_ratio, file_sha256,
                      write_epoch)

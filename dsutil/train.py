@@ -218,8 +218,8 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
                               epochs=epochs, seed=cfg.seed + 1)
     first = step_epoch.index(start_epoch) if start_epoch < epochs else len(steps)
     todo, todo_epoch = steps[first:], step_epoch[first:]
-    batches = StepBatches(images, todo, fresh_cfg, store.path)
-    batches = DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev))  # one loader over every remaining step: workers start once
+    batches = StepBatches(images, todo, fresh_cfg, store.path)  # one loader over every remaining step:
+    batches = DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev))  # workers start once
     bar = tqdm(total=len(todo), desc="student", disable=not progress)
     model.train()
     loss_sum, steps_done = torch.zeros((), device=dev), 0  # summed on the device: no host sync per step
