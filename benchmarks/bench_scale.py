@@ -34,17 +34,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = 50
 
 
+PEAK = ("import sys; from dsutil.cli import main; rc = main(sys.argv[1:]); "
+        "print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr); sys.exit(rc)")
+
+
 def run(args: list[str]) -> dict:
-    """``python -m dsutil ARGS`` in a fresh process: wall seconds and peak RSS in MiB."""
+    """``dsutil ARGS`` in a fresh process: wall seconds and its peak RSS in MiB (VmHWM of its own memory,
+    read as it exits; ru_maxrss would include this process's RSS, inherited through fork)."""
     start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "dsutil", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-c", PEAK, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
     if proc.returncode:
-        raise RuntimeError(f"dsutil {' '.join(args)} failed:\n{err[-3000:]}")
-    return {"seconds": time.time() - start, "peak_rss_mib": usage.ru_maxrss / 1024}
+        raise RuntimeError(f"dsutil {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    peak_kib = int(proc.stderr.rsplit("VmHWM", 1)[1].split()[0])
+    return {"seconds": time.time() - start, "peak_rss_mib": peak_kib / 1024}
 
 
 def make_folder(root: Path, classes: list[str], n: int, size: int = 64) -> None:
@@ -134,6 +137,8 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 5000, 20000])
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dsutil_bench_scale")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "bench_scale.json")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only import, relabel (0 workers) and train in their own processes: peak memory against N")
     args = p.parse_args()
     from dsutil.recover import load_squeezed
 
@@ -150,7 +155,7 @@ def main() -> None:
         name = f"syn{n}"
         row = {"images": n, "import": run(["import", "--run", str(run_dir), "--images", str(folder / "train"),
                                            "--name", name, "--device", "cpu"])}
-        for w in (0, 1):
+        for w in (0,) if args.memory_only else (0, 1):
             store = run_dir / "labels" / f"{name}-w{w}"
             shutil.rmtree(store, ignore_errors=True)  # a finished store of the same inputs would be kept as it is
             row[f"bare_forward_img_per_s_w{w}"] = bare_forward(teacher)
@@ -166,18 +171,30 @@ def main() -> None:
                             "--epochs", "1", "--out", str(student), "--device", "cpu"])
         epoch = json.loads((student / "metrics.jsonl").read_text().splitlines()[0])
         row["train"] |= {"epoch_seconds": epoch["seconds"], "img_per_s": n / epoch["seconds"]}
-        for w in (0, 2):
+        for w in () if args.memory_only else (0, 2):
             row[f"bn_pass_img_per_s_w{w}"] = bn_pass(teacher, folder, w)
         row["image_set_mib"] = (run_dir / "recover" / name / "images.safetensors").stat().st_size / 2**20
         rows.append(row)
         print(json.dumps(row), flush=True)
-    replay_224 = replay_rate()
     result = {"command": " ".join(sys.argv), "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                                           "cores": os.cpu_count(), "threads": torch.get_num_threads()},
-              "teacher": spec, "rows": rows, "replay_224_img_per_s_one_process": replay_224,
-              "imagenet1k_projection": projection(rows, replay_224)}
+              "teacher": spec, "rows": rows}
+    if not args.memory_only:
+        replay_224 = replay_rate()
+        result |= {"replay_224_img_per_s_one_process": replay_224, "imagenet1k_projection": projection(rows, replay_224)}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(table(result))
+    print(memory_table(result) if args.memory_only else table(result))
+
+
+def memory_table(result: dict) -> str:
+    lines = ["| N | pixels MiB | import s | import peak MiB | relabel s | relabel peak MiB | train s | train peak MiB |",
+             "|" + " --- |" * 8]
+    for r in result["rows"]:
+        lines.append(f"| {r['images']} | {r['image_set_mib']:.0f} | {r['import']['seconds']:.0f} | "
+                     f"{r['import']['peak_rss_mib']:.0f} | {r['relabel_w0']['seconds']:.0f} | "
+                     f"{r['relabel_w0']['peak_rss_mib']:.0f} | {r['train']['seconds']:.0f} | "
+                     f"{r['train']['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
 
 
 def table(result: dict) -> str:

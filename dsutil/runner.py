@@ -239,5 +239,5 @@ def ensure_student(run_dir, method: str, scfg, ipc: int, device: str = "auto", d
     store = store or label_store_dir(run_dir, method, ipc)
     sdir = folder or run_dir / "students" / student_name(method, ipc, scfg)
     stages(f"student {sdir.name}", sdir / "stage.json", asdict(scfg), [stage_hash(store)],
-           lambda: train_student(run_dir, store, scfg, sdir, device, progress=False, data=data), clear=sdir)
+           lambda: train_student(run_dir, store, scfg, sdir, device, progress=progress, data=data), clear=sdir)
     return read_json(sdir / "train.json") | {"dir": str(sdir)}

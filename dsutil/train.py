@@ -220,7 +220,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     todo, todo_epoch = steps[first:], step_epoch[first:]
     batches = StepBatches(images, todo, fresh_cfg, store.path)  # one loader over every remaining step:
     batches = DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev))  # workers start once
-    bar = tqdm(total=len(todo), desc="student", disable=not progress)
+    bar = tqdm(total=len(todo), desc=f"student {out_dir.name}", disable=not progress)
     model.train()
     loss_sum, steps_done = torch.zeros((), device=dev), 0  # summed on the device: no host sync per step
     for i, (x, target, index, y, y_partner, lam) in enumerate(batches):
