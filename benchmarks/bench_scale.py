@@ -186,36 +186,35 @@ def main() -> None:
     print(memory_table(result) if args.memory_only else table(result))
 
 
+def markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def memory_table(result: dict) -> str:
-    lines = ["| N | pixels MiB | import s | import peak MiB | relabel s | relabel peak MiB | train s | train peak MiB |",
-             "|" + " --- |" * 8]
-    for r in result["rows"]:
-        lines.append(f"| {r['images']} | {r['image_set_mib']:.0f} | {r['import']['seconds']:.0f} | "
-                     f"{r['import']['peak_rss_mib']:.0f} | {r['relabel_w0']['seconds']:.0f} | "
-                     f"{r['relabel_w0']['peak_rss_mib']:.0f} | {r['train']['seconds']:.0f} | "
-                     f"{r['train']['peak_rss_mib']:.0f} |")
-    return "\n".join(lines)
+    return "\n".join(markdown(
+        ["N", "pixels MiB", "import s", "import peak MiB", "relabel s", "relabel peak MiB", "train s", "train peak MiB"],
+        [[str(r["images"]), f"{r['image_set_mib']:.0f}"] + [f"{r[k][m]:.0f}" for k in ("import", "relabel_w0", "train")
+                                                           for m in ("seconds", "peak_rss_mib")]
+         for r in result["rows"]]))
 
 
 def table(result: dict) -> str:
-    lines = ["| N | import s | import MiB | relabel w0 img/s | w0 / bare | relabel w1 img/s | w1 / bare | relabel MiB "
-             "(w0) | train img/s | train MiB | BN pass w0 img/s | w2 img/s |", "|" + " --- |" * 12]
-    for r in result["rows"]:
-        lines.append(f"| {r['images']} | {r['import']['seconds']:.0f} | {r['import']['peak_rss_mib']:.0f} | "
-                     f"{r['relabel_w0']['img_per_s']:.0f} | {r['relabel_w0']['over_bare']:.2f} | "
-                     f"{r['relabel_w1']['img_per_s']:.0f} | {r['relabel_w1']['over_bare']:.2f} | "
-                     f"{r['relabel_w0']['peak_rss_mib']:.0f} | {r['train']['img_per_s']:.0f} | "
-                     f"{r['train']['peak_rss_mib']:.0f} | {r['bn_pass_img_per_s_w0']:.0f} | "
-                     f"{r['bn_pass_img_per_s_w2']:.0f} |")
-    lines += ["", f"replay at 224 px, one process: {result['replay_224_img_per_s_one_process']:.0f} images/s", "",
-              "| ImageNet-1K | images | pixels GiB | labels GiB (full / r=0.975) | host MiB | recover h | relabel h "
-              "(at most) | student h | replay workers per GPU |", "|" + " --- |" * 9]
-    for p in result["imagenet1k_projection"]:
-        lines.append(f"| IPC {p['ipc']} | {p['images']:,} | {p['pixels_gib']:.1f} | {p['labels_gib_full']:.1f} / "
-                     f"{p['labels_gib_r0.975']:.2f} | {p['host_memory_mib']:.0f} | {p['recover_hours']:.1f} | "
-                     f"{p['relabel_hours_at_most']:.1f} | {p['student_hours']:.1f} | "
-                     f"{p['replay_workers_to_feed_gpu']:.0f} |")
-    return "\n".join(lines)
+    rates = markdown(
+        ["N", "import s", "relabel w0 img/s", "w0 / bare", "relabel w1 img/s", "w1 / bare", "train img/s",
+         "BN pass w0 img/s", "w2 img/s"],
+        [[str(r["images"]), f"{r['import']['seconds']:.0f}", f"{r['relabel_w0']['img_per_s']:.0f}",
+          f"{r['relabel_w0']['over_bare']:.2f}", f"{r['relabel_w1']['img_per_s']:.0f}",
+          f"{r['relabel_w1']['over_bare']:.2f}", f"{r['train']['img_per_s']:.0f}",
+          f"{r['bn_pass_img_per_s_w0']:.0f}", f"{r['bn_pass_img_per_s_w2']:.0f}"] for r in result["rows"]])
+    projection = markdown(
+        ["ImageNet-1K", "images", "pixels GiB", "labels GiB (full / r=0.975)", "host MiB", "recover h",
+         "relabel h (at most)", "student h", "replay workers per GPU"],
+        [[f"IPC {p['ipc']}", f"{p['images']:,}", f"{p['pixels_gib']:.1f}",
+          f"{p['labels_gib_full']:.1f} / {p['labels_gib_r0.975']:.2f}", f"{p['host_memory_mib']:.0f}",
+          f"{p['recover_hours']:.1f}", f"{p['relabel_hours_at_most']:.1f}", f"{p['student_hours']:.1f}",
+          f"{p['replay_workers_to_feed_gpu']:.0f}"] for p in result["imagenet1k_projection"]])
+    replay = f"replay at 224 px, one process: {result['replay_224_img_per_s_one_process']:.0f} images/s"
+    return "\n".join([*rates, "", replay, "", *projection])
 
 
 if __name__ == "__main__":
