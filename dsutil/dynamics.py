@@ -20,23 +20,27 @@ SCORES = ("el2n", "aum", "forgetting")
 
 
 class Dynamics:
-    """Per-image accumulators, updated once per training step, saved and restored as plain tensors."""
+    """Per-image accumulators, updated once per training step, saved and restored as plain tensors. They live on
+    the device the student trains on, so a step never waits for the device to copy its logits back."""
 
-    def __init__(self, num_images: int, early_epochs: int):
+    def __init__(self, num_images: int, early_epochs: int, device="cpu"):
         self.early_epochs = early_epochs
-        self.state = {name: torch.zeros(num_images, dtype=torch.float64)
+        self.state = {name: torch.zeros(num_images, dtype=torch.float64, device=device)
                       for name in ("el2n_sum", "el2n_views", "aum_sum", "views", "forgetting")}
-        self.state["last_correct"] = torch.full((num_images,), -1, dtype=torch.int8)  # -1: not seen yet
+        self.state["last_correct"] = torch.full((num_images,), -1, dtype=torch.int8, device=device)  # -1: not seen
 
     @torch.no_grad()
     def observe(self, index: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 epoch: int) -> None:
-        s, t = student_logits.detach().double().cpu(), teacher_logits.detach().double().cpu()
+        st = self.state
+        device = st["views"].device
+        index = index.to(device, non_blocking=True)
+        s, t = student_logits.detach().double().to(device), teacher_logits.detach().double().to(device)
         target = t.argmax(1)
         correct = s.argmax(1) == target
         other = s.scatter(1, target[:, None], float("-inf")).max(1).values
         margin = s.gather(1, target[:, None])[:, 0] - other
-        st, ones = self.state, torch.ones(len(index), dtype=torch.float64)
+        ones = torch.ones(len(index), dtype=torch.float64, device=device)
         early = (st["el2n_views"][index] == 0) | (epoch < self.early_epochs)
         st["el2n_sum"].index_add_(0, index, (s.softmax(1) - t.softmax(1)).norm(dim=1) * early)
         st["el2n_views"].index_add_(0, index, early.double())
@@ -47,7 +51,7 @@ class Dynamics:
 
     def scores(self) -> dict[str, torch.Tensor]:
         """EL2N, AUM and forgetting per image (NaN for an image never seen in the epochs a score uses)."""
-        st = self.state
+        st = {name: t.cpu() for name, t in self.state.items()}
         return {"el2n": st["el2n_sum"] / st["el2n_views"], "aum": st["aum_sum"] / st["views"],
                 "forgetting": st["forgetting"].where(st["views"] > 0, torch.tensor(float("nan"), dtype=torch.float64)),
                 "views": st["views"]}

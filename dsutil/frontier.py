@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .files import write_json
+from .runtime import is_main
 from .settings import build, require
 
 
@@ -74,7 +75,8 @@ def run_frontier(cfg, out, progress: bool = True) -> dict:
     result = {"name": cfg.name, "frontier": asdict(fcfg), "points": points,
               "pareto": {m: pareto([p for p in points if p["method"] == m]) for m in fcfg.methods},
               "stage_seconds": stages.seconds}
-    write_json(out / "frontier.json", result)
+    if is_main():  # under torchrun every rank trained its share of each student; one writes the result
+        write_json(out / "frontier.json", result)
     return result
 
 

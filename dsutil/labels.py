@@ -143,7 +143,7 @@ def write_epoch(path, records: list[BatchRecord], num_classes: int, dtype: str, 
     from .files import save_tensors
 
     sizes = torch.tensor([len(r.index) for r in records], dtype=torch.long)
-    logits = torch.cat([r.logits for r in records]) if records else torch.zeros(0, num_classes)
+    logits = torch.cat([r.logits for r in records]).cpu() if records else torch.zeros(0, num_classes)
     labels = {"logits": logits} if topk is None else topk_compress(logits, topk, topk_fill)
     labels = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in labels.items()}
     save_tensors(path, {

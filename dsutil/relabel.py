@@ -25,7 +25,7 @@ from .image_store import ImageSet
 from .labels import (DTYPES, FORMAT_VERSION, TOPK_FILLS, BatchRecord, LabelStore, check_prune_ratio, file_sha256,
                      write_epoch)
 from .recover import load_squeezed
-from .runtime import barrier, derive_seed, is_main, loader_options, my_share, resolve_device
+from .runtime import LoaderWait, barrier, derive_seed, is_main, loader_options, my_share, resolve_device
 from .settings import check_crop_scale, one_of, positive, require
 
 MIXES = ("none", "cutmix", "mixup")
@@ -226,15 +226,15 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
     barrier()  # every rank has seen which epoch files are whole before any is written
     steps = [("fresh", e, b) for e in my_share(todo) for b in present[e]]  # under torchrun: whole epochs per rank
     batches = StepBatches(images, steps, cfg)
-    loader = DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev))
+    loader = LoaderWait(DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev)))
     done: list[BatchRecord] = []
-    for i, (x, *_) in enumerate(tqdm(loader, desc="relabel", disable=not progress)):
+    for i, (x, *_) in enumerate(tqdm(loader, desc="relabel", disable=not progress, total=len(steps))):
         epoch, batch = steps[i][1:]
         if not done:
             records = {r.batch: r for r in epoch_records(n, hw, cfg, epoch)}
         with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.teacher_bf16):
-            records[batch].logits = teacher(x.to(dev, non_blocking=True)).float().cpu()
-        done.append(records[batch])
+            records[batch].logits = teacher(x.to(dev, non_blocking=True)).float()  # to the host per epoch:
+        done.append(records[batch])  # no wait for the device per batch
         if i + 1 == len(steps) or steps[i + 1][1] != epoch:  # the epoch's last batch: write its file
             write_epoch(out / f"epoch{epoch:05d}.safetensors", done, spec["num_classes"], cfg.dtype, cfg.topk,
                         cfg.topk_fill)
@@ -249,7 +249,8 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
                 "batches_per_epoch": per_epoch, "dtype": cfg.dtype, "topk": cfg.topk, "topk_fill": cfg.topk_fill,
                 "augmentation": {"crop_scale": cfg.crop_scale, "flip": cfg.flip, "mix": cfg.mix,
                                  "mix_alpha": cfg.mix_alpha},
-                "settings": asdict(cfg), "present": present, "seconds": time.time() - start}
+                "settings": asdict(cfg), "present": present, "seconds": time.time() - start,
+                "loader_wait_seconds": loader.seconds}
     if is_main():
         write_json(out / "manifest.json", manifest)  # last: the store is complete
         (out / PENDING).unlink()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -120,6 +121,25 @@ def loader_options(dataset, workers: int | None, device, epochs: int = 1) -> dic
     workers = loader_workers(workers)
     return {"num_workers": workers, "pin_memory": torch.device(device).type == "cuda",
             "persistent_workers": workers > 0 and epochs > 1}
+
+
+class LoaderWait:
+    """Iterate a loader and add up the seconds spent waiting for its next batch: an upper bound on the time the
+    device sat idle for want of data (recorded by relabel and training as ``loader_wait_seconds``)."""
+
+    def __init__(self, loader):
+        self.loader, self.seconds = loader, 0.0
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - start
+            yield batch
 
 
 def seed_everything(seed: int) -> torch.Generator:

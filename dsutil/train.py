@@ -20,7 +20,7 @@ from .labels import DYNAMICS_METRICS, PRUNE_METRICS, LabelStore, LabelStoreError
 from .models import build_model
 from .image_store import ImageSet
 from .relabel import StepBatches
-from .runtime import (barrier, gather_rows, is_main, loader_options, loader_workers, my_rows, resolve_device,
+from .runtime import (LoaderWait, barrier, gather_rows, is_main, loader_options, loader_workers, my_rows, resolve_device,
                       sum_over_ranks, world_size)
 from .settings import non_negative, one_of, positive, require
 
@@ -202,7 +202,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     else:
         opt = torch.optim.SGD(student.parameters(), cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(steps))
-    dynamics = Dynamics(len(images), early_epochs=max(1, round(0.1 * epochs)))
+    dynamics = Dynamics(len(images), early_epochs=max(1, round(0.1 * epochs)), device=dev)
     start_epoch, ckpt, history = 0, out_dir / "checkpoint.pt", []
     if ckpt.exists():
         state = _load_checkpoint(ckpt, dev)
@@ -219,15 +219,15 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     first = step_epoch.index(start_epoch) if start_epoch < epochs else len(steps)
     todo, todo_epoch = steps[first:], step_epoch[first:]
     batches = StepBatches(images, todo, fresh_cfg, store.path)  # one loader over every remaining step:
-    batches = DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev))  # workers start once
+    batches = LoaderWait(DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev)))  # workers start once
     bar = tqdm(total=len(todo), desc=f"student {out_dir.name}", disable=not progress)
     model.train()
-    loss_sum, steps_done = torch.zeros((), device=dev), 0  # summed on the device: no host sync per step
+    loss_sum, steps_done, waited = torch.zeros((), device=dev), 0, 0.0  # summed on the device: no host sync per step
     for i, (x, target, index, y, y_partner, lam) in enumerate(batches):
         epoch = todo_epoch[i]
         t_teacher, t_student = cfg.temperatures(epoch, epochs)
         mine = my_rows(len(index))  # under torchrun this rank's share of the batch; DDP averages the gradients
-        x, y, y_partner = x[mine].to(dev, non_blocking=True), y[mine].to(dev), y_partner[mine].to(dev)
+        x, y, y_partner = (t[mine].to(dev, non_blocking=True) for t in (x, y, y_partner))
         if cfg.online and epoch < soft_epochs:
             with torch.no_grad():
                 target = gather_rows(teacher(x).float(), len(index))
@@ -235,7 +235,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
         if epoch >= soft_epochs:
             loss = hard_loss(out, y, y_partner, lam)
         else:
-            loss = kd_loss(out, target[mine].to(dev), t_teacher, cfg.kl_times_t2, t_student)
+            loss = kd_loss(out, target[mine].to(dev, non_blocking=True), t_teacher, cfg.kl_times_t2, t_student)
             dynamics.observe(index, gather_rows(out.detach(), len(index)), target, epoch)
             if cfg.hard_weight:
                 loss = (1 - cfg.hard_weight) * loss + cfg.hard_weight * hard_loss(out, y, y_partner, lam)
@@ -251,7 +251,9 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
                             "lr": sched.get_last_lr()[0],
                             "temperature": t_teacher, "student_temperature": t_student,
                             "labels": "hard" if epoch >= soft_epochs else "online" if cfg.online else "soft",
-                            "steps": steps_done, "seconds": time.time() - started})
+                            "steps": steps_done, "seconds": time.time() - started,
+                            "loader_wait_seconds": batches.seconds - waited})
+            waited = batches.seconds
             loss_sum, steps_done = torch.zeros((), device=dev), 0
             bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
             if is_main():

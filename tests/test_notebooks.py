@@ -1,5 +1,5 @@
-"""Every notebook runs top to bottom in quick mode on both presets, saves its figures, shows no warning, and is
-committed without outputs.
+"""Every notebook runs top to bottom in quick mode on tiny-imagenet-10 (and the ones whose figures differ for
+grey digits on mnist5k too), saves its figures, shows no warning, and is committed without outputs.
 
 The session's quick runs (``dsutil demo --quick`` and ``dsutil run tiny-imagenet-10 --quick``, the settings of
 ``load_config(preset, quick=True)``) are copied once per preset and shared by the notebooks through ``DSUTIL_RUN``;
@@ -62,8 +62,15 @@ def test_the_kernel_is_this_python():
     assert exe in ("python", "python3") or os.path.abspath(exe) == os.path.abspath(sys.executable)
 
 
+# on mnist5k only the quickstart and the notebooks that draw image grids (one-channel images there);
+# the others are the same code on other numbers, and each quick run of them takes 10-30 s of the suite
+MNIST_NOTEBOOKS = ("01_quickstart", "02_within_class_similarity", "05_teaching")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_quick_mode(path, quick_env):
+    if os.environ["DSUTIL_PRESET"] == "mnist5k" and path.stem not in MNIST_NOTEBOOKS:
+        pytest.skip("run on tiny-imagenet-10 only (same cells, no one-channel images)")
     nb = nbformat.read(path, as_version=4)
     # first, record which interpreter the kernel is: it must be this environment's
     nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.executable)"))

@@ -139,8 +139,9 @@ def test_same_seed_same_store_other_seed_other_store(make_store):
     b = make_store(epochs=3, batch_size=16, mix="cutmix", seed=0, flip=True)  # the same settings, another folder
     c = make_store(epochs=3, batch_size=16, mix="cutmix", seed=1)
     assert a != b
-    ignore = ("seconds",)
+    ignore = ("seconds", "loader_wait_seconds")
     ma, mb, mc = (read_json(p / "manifest.json") for p in (a, b, c))
+    assert all(0 <= m["loader_wait_seconds"] <= m["seconds"] for m in (ma, mb, mc))
     assert {k: v for k, v in ma.items() if k not in ignore} == {k: v for k, v in mb.items() if k not in ignore}
     assert mc["settings"]["seed"] == 1 and ma["settings"]["seed"] == 0
     for e in range(3):
@@ -184,6 +185,8 @@ def test_student_trains_on_stored_labels_and_refuses_other_settings(run, make_st
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == list(range(30)) and all(m["steps"] == 5 for m in lines)
     assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["lr"] < lines[0]["lr"]
+    assert all(m["loader_wait_seconds"] >= 0 for m in lines)  # each epoch's own wait, within the loop's time
+    assert sum(m["loader_wait_seconds"] for m in lines) <= lines[-1]["seconds"]
 
     before = (out / "student.safetensors").read_bytes()
     again = train_student(run, store, StudentConfig(**STUDENT), out, device="cpu", progress=False)
