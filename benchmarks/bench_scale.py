@@ -38,12 +38,13 @@ PEAK = ("import sys; from dsutil.cli import main; rc = main(sys.argv[1:]); "
         "print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr); sys.exit(rc)")
 
 
-def run(args: list[str]) -> dict:
-    """``dsutil ARGS`` in a fresh process: wall seconds and its peak RSS in MiB (VmHWM of its own memory,
-    read as it exits; ru_maxrss would include this process's RSS, inherited through fork)."""
+def run(args: list[str], env: dict | None = None) -> dict:
+    """``dsutil ARGS`` in a fresh process (``env``: extra environment): wall seconds and its peak RSS in MiB
+    (VmHWM of its own memory, read as it exits; ru_maxrss would include this process's RSS, inherited
+    through fork)."""
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", PEAK, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, env=os.environ | (env or {}))
     if proc.returncode:
         raise RuntimeError(f"dsutil {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     peak_kib = int(proc.stderr.rsplit("VmHWM", 1)[1].split()[0])

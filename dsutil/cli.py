@@ -305,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; under torchrun every rank runs it, and only rank 0 prints."""
-    from .runtime import is_main, start_ranks, stop_ranks
+    from .runtime import fix_mmap_threshold, is_main, start_ranks, stop_ranks
 
+    fix_mmap_threshold()
     args = build_parser().parse_args(argv)
     start_ranks()
     if not is_main():
