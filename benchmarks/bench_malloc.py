@@ -1,8 +1,9 @@
-"""What does fixing glibc's mmap threshold (``dsutil.runtime.fix_mmap_threshold``, on by default) cost and save?
+"""What does fixing glibc's mmap threshold (``DSUTIL_MMAP_THRESHOLD``, ``dsutil.runtime.fix_mmap_threshold``) cost
+and save?
 
 ``dsutil relabel`` (1 epoch, batch 50, 0 workers) and ``dsutil train`` (1 epoch) of the distilled sets that
-``bench_scale.py`` imported, each in a fresh process, with the threshold fixed at 1 MiB (the default) and with
-glibc's dynamic threshold (``DSUTIL_MMAP_THRESHOLD=0``), in turn (the order alternates per repeat): the
+``bench_scale.py`` imported, each in a fresh process, with the threshold fixed at 1 MiB (``DSUTIL_MMAP_THRESHOLD=1048576``) and with
+glibc's dynamic threshold (the default), in turn (the order alternates per repeat): the
 stages' own seconds (relabel's manifest, the student's epoch) and peak RSS (VmHWM).
 
     .venv/bin/python benchmarks/bench_scale.py --memory-only --sizes 2000 20000   # once: the run and its sets
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_scale import BATCH, markdown, run  # noqa: E402
 
-SETTINGS = {"fixed 1 MiB": {}, "glibc dynamic": {"DSUTIL_MMAP_THRESHOLD": "0"}}
+SETTINGS = {"fixed 1 MiB": {"DSUTIL_MMAP_THRESHOLD": "1048576"}, "glibc dynamic": {"DSUTIL_MMAP_THRESHOLD": "0"}}
 
 
 def stages(run_dir: Path, n: int, env: dict) -> dict:

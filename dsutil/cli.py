@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; under torchrun every rank runs it, and only rank 0 prints."""
+    from .files import check_tensorboard
     from .runtime import fix_mmap_threshold, is_main, start_ranks, stop_ranks
 
     fix_mmap_threshold()
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if not is_main():
         sys.stdout = open(os.devnull, "w")
     try:
+        check_tensorboard()
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"dsutil {args.command}: error: {e}", file=sys.stderr)

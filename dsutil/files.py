@@ -49,6 +49,40 @@ def write_jsonl(path, rows: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
+TENSORBOARD_ENV = "DSUTIL_TENSORBOARD"  # a folder: training loops mirror their per-epoch metrics there
+_tensorboard_writers: dict = {}
+
+
+def check_tensorboard() -> None:
+    """Before any work: when ``DSUTIL_TENSORBOARD`` is set, TensorBoard must be importable."""
+    if os.environ.get(TENSORBOARD_ENV):
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"{TENSORBOARD_ENV}={os.environ[TENSORBOARD_ENV]} asks for TensorBoard logs, but "
+                               f"tensorboard is not installed (pip install tensorboard): {e}") from None
+
+
+def write_metrics(path, history: list[dict]) -> None:
+    """A training loop's per-epoch metrics: ``path`` (JSON lines, the record) and, when ``DSUTIL_TENSORBOARD``
+    names a folder, the newest epoch's numbers as TensorBoard scalars under FOLDER/<path's folder>/<path's
+    stem>, so a long run can be watched live with ``tensorboard --logdir FOLDER``."""
+    write_jsonl(path, history)
+    root = os.environ.get(TENSORBOARD_ENV)
+    if not root or not history:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    path = Path(path).resolve()
+    if path not in _tensorboard_writers:
+        _tensorboard_writers[path] = SummaryWriter(str(Path(root) / path.parent.name / path.stem))
+    writer, row = _tensorboard_writers[path], history[-1]
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(key, value, row["epoch"])
+    writer.flush()
+
+
 def json_ready(obj):
     """Round-trip through JSON so tuples and lists compare equal."""
     return json.loads(json.dumps(obj, default=str))

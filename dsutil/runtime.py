@@ -21,17 +21,16 @@ import torch.distributed as dist
 RANK_TIMEOUT = timedelta(hours=12)  # how long a rank waits for the others (rank 0 alone trains the teacher)
 
 
-MMAP_THRESHOLD = 1 << 20  # bytes; see fix_mmap_threshold
-
-
 def fix_mmap_threshold() -> None:
-    """Serve blocks of 1 MiB and more (``DSUTIL_MMAP_THRESHOLD`` bytes; 0 leaves glibc alone) with their own
-    mmap, as glibc does until a large block is freed and it raises its threshold: after that, batch-sized
-    tensors come from the heap, which fragments, and relabel's peak memory grew with the number of steps
-    (1 to 3.6 GB for 20,000 images; 0.9 GB with the threshold fixed: benchmarks/README.md, Scale). The
-    ``dsutil`` command calls it first; it does nothing where the C library has no glibc ``mallopt``."""
-    value = int(os.environ.get("DSUTIL_MMAP_THRESHOLD", MMAP_THRESHOLD))
-    if value and sys.platform.startswith("linux"):
+    """With ``DSUTIL_MMAP_THRESHOLD=BYTES`` (1048576 is a good value), blocks of that size and more get their
+    own mmap for the whole run. glibc does so only until a large block is freed, then raises its threshold, and
+    batch-sized tensors come from a heap that fragments: relabel's peak memory over 20,000 images varied from
+    0.9 to 3.6 GB between identical runs, 1.06 GB every time with the threshold fixed. The price is time (the
+    pages are faulted in afresh each step): 4-14% for relabel, 15-34% for training on this CPU
+    (benchmarks/README.md, Scale), so it is off unless asked for. The ``dsutil`` command calls this first; it
+    does nothing where the C library has no glibc ``mallopt``."""
+    value = int(os.environ.get("DSUTIL_MMAP_THRESHOLD", "0"))
+    if value > 0 and sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None).mallopt(-3, value)  # M_MMAP_THRESHOLD
         except (OSError, AttributeError):

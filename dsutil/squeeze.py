@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .augment import random_shift_flip
 from .data import ImageData
-from .files import load_model, load_tensors, save_model, save_tensors, write_json, write_jsonl
+from .files import load_model, load_tensors, save_model, save_tensors, write_json, write_metrics
 from .models import build_model
 from .runtime import (barrier, is_main, loader_options, rank, resolve_device, seed_everything, sum_over_ranks,
                       world_size)
@@ -198,7 +198,7 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
                         "seconds": time.time() - start})
         bar.set_postfix(loss=f"{loss_sum / n:.3f}")
         if metrics_path is not None:
-            write_jsonl(metrics_path, history)
+            write_metrics(metrics_path, history)
     return model.eval()
 
 

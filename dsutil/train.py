@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import ImageData
 from .evaluate import evaluate
 from .dynamics import Dynamics, load_scores
-from .files import atomic_path, read_json, save_model, save_tensors, write_json, write_jsonl
+from .files import atomic_path, read_json, save_model, save_tensors, write_json, write_metrics
 from .labels import DYNAMICS_METRICS, PRUNE_METRICS, LabelStore, LabelStoreError, check_prune_ratio, file_sha256, select_batches
 from .models import build_model
 from .image_store import ImageSet
@@ -257,7 +257,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
             loss_sum, steps_done = torch.zeros((), device=dev), 0
             bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
             if is_main():
-                write_jsonl(out_dir / "metrics.jsonl", history)
+                write_metrics(out_dir / "metrics.jsonl", history)
                 with atomic_path(ckpt) as tmp:
                     torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "epoch": epoch, "fingerprint": fingerprint,

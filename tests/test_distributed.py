@@ -1,6 +1,6 @@
 """Every stage under torchrun with 2 CPU processes (gloo) against one plain process: BN statistics, recover,
-relabel and the student give the same results; a rank killed mid-recover or mid-relabel is finished by a rerun
-that keeps every unit and epoch file already written."""
+relabel and the student give the same results; a rank killed mid-recover, mid-relabel or mid-training is finished
+by a rerun that keeps every unit, epoch file and student epoch already done."""
 import os
 import shutil
 import signal
@@ -134,6 +134,13 @@ def test_a_student_over_two_ranks_matches_one_process_and_is_evaluated(runs):
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
     a, b = (read_json(runs["one"] / s / "train.json") for s in ("s1", "s2"))
     assert b["ranks"] == 2 and abs(a["test_top1"] - b["test_top1"]) <= 0.002
-    dsutil(*args, "--run-dir", runs["one"], "--out", runs["one"] / "bn2", ranks=2)
-    bn = read_json(runs["one"] / "bn2" / "train.json")
-    assert bn["ranks"] == 2 and 0.1 < bn["test_top1"] <= 1 and len((runs["one"] / "bn2" / "metrics.jsonl").read_text().splitlines()) == 3
+    # the BatchNorm student runs 100 epochs, one of its ranks is killed after the first checkpoint, and a rerun
+    # resumes from rank 0's last checkpoint: the epochs before it are not trained again
+    bn2, long = runs["one"] / "bn2", [*args, "--epochs", "100", "--run-dir", runs["one"], "--out", runs["one"] / "bn2"]
+    kill_one_rank_when(dsutil(*long, ranks=2, wait=False), (bn2 / "checkpoint.pt").exists)
+    done = torch.load(bn2 / "checkpoint.pt", weights_only=True)["epoch"] + 1  # epochs finished before the kill
+    before = (bn2 / "metrics.jsonl").read_text().splitlines()[:done]
+    dsutil(*long, ranks=2)
+    bn, lines = read_json(bn2 / "train.json"), (bn2 / "metrics.jsonl").read_text().splitlines()
+    assert 1 <= done < 100 and len(lines) == 100 and lines[:done] == before  # kept, with their times
+    assert bn["ranks"] == 2 and 0.1 < bn["test_top1"] <= 1 and not (bn2 / "checkpoint.pt").exists()

@@ -2,6 +2,7 @@
 import json
 import pickle
 import shutil
+import sys
 
 import pytest
 import torch
@@ -539,3 +540,22 @@ def test_an_interrupted_relabel_resumes_only_its_own_whole_files(run, make_store
                     progress=False, restart=True)
     assert sorted(p.name for p in other.iterdir()) == ["epoch00000.safetensors", "epoch00001.safetensors",
                                                        "epoch00002.safetensors", "manifest.json"]
+
+
+def test_tensorboard_mirrors_the_metrics_file_when_asked(run, make_store, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dsutil.files import check_tensorboard
+
+    monkeypatch.setenv("DSUTIL_TENSORBOARD", str(tmp_path / "tb"))
+    out = tmp_path / "student"
+    train_student(run, make_store(epochs=3, batch_size=10), StudentConfig(**STUDENT), out, device="cpu", progress=False)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tb" / "student" / "metrics"))
+    events.Reload()
+    for key in ("loss", "lr", "loader_wait_seconds"):
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert got == [(m["epoch"], pytest.approx(m[key], rel=1e-6)) for m in lines]  # float32 in the events
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(RuntimeError, match="DSUTIL_TENSORBOARD=.*tensorboard is not installed"):
+        check_tensorboard()
