@@ -308,12 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     from .files import check_tensorboard
     from .runtime import fix_mmap_threshold, is_main, start_ranks, stop_ranks
 
-    fix_mmap_threshold()
     args = build_parser().parse_args(argv)
     start_ranks()
     if not is_main():
         sys.stdout = open(os.devnull, "w")
     try:
+        fix_mmap_threshold()
         check_tensorboard()
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -29,7 +29,10 @@ def fix_mmap_threshold() -> None:
     pages are faulted in afresh each step): 4-14% for relabel, 15-34% for training on this CPU
     (benchmarks/README.md, Scale), so it is off unless asked for. The ``dsutil`` command calls this first; it
     does nothing where the C library has no glibc ``mallopt``."""
-    value = int(os.environ.get("DSUTIL_MMAP_THRESHOLD", "0"))
+    text = os.environ.get("DSUTIL_MMAP_THRESHOLD", "0")
+    if not text.isdigit():
+        raise ValueError(f"DSUTIL_MMAP_THRESHOLD={text!r}: expected a number of bytes (1048576), or 0 for glibc's own")
+    value = int(text)
     if value > 0 and sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None).mallopt(-3, value)  # M_MMAP_THRESHOLD

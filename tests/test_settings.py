@@ -107,6 +107,15 @@ def test_the_stage_commands_refuse_bad_numbers(argv, words, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "1MiB"])
+def test_a_bad_mmap_threshold_is_refused_before_any_work(value, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DSUTIL_MMAP_THRESHOLD", value)
+    assert main(["squeeze", "--out", "run", "--epochs", "1"]) == 2
+    assert f"DSUTIL_MMAP_THRESHOLD={value!r}: expected a number of bytes" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("text,words", [("recover: {ipc: 3\n", "is not valid YAML"), ("- 1\n- 2\n", "expected a mapping")])
 def test_a_broken_yaml_file_names_itself(text, words, tmp_path):
     path = tmp_path / "broken.yaml"
