@@ -231,11 +231,13 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
         if cfg.online and epoch < soft_epochs:
             with torch.no_grad():
                 target = gather_rows(teacher(x).float(), len(index))
+        elif target is not None:  # the stored logits of the whole batch, copied once for the loss and dynamics
+            target = target.to(dev, non_blocking=True)
         out = model(x)
         if epoch >= soft_epochs:
             loss = hard_loss(out, y, y_partner, lam)
         else:
-            loss = kd_loss(out, target[mine].to(dev, non_blocking=True), t_teacher, cfg.kl_times_t2, t_student)
+            loss = kd_loss(out, target[mine], t_teacher, cfg.kl_times_t2, t_student)
             dynamics.observe(index, gather_rows(out.detach(), len(index)), target, epoch)
             if cfg.hard_weight:
                 loss = (1 - cfg.hard_weight) * loss + cfg.hard_weight * hard_loss(out, y, y_partner, lam)
