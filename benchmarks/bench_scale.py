@@ -1,7 +1,7 @@
 """Scaling of the streamed data path: peak memory and speed against the number of distilled images.
 
 For N distilled 64-px RGB images (random pixels: the teacher's speed does not depend on them), each in a fresh
-process so that its peak resident memory (``wait4``'s ru_maxrss: the largest of the process and its DataLoader
+process so that its peak resident memory (VmHWM of the main process, read as it exits; the memory runs use no
 workers) is its own:
 
 * ``dsutil import`` of an ImageFolder of N PNGs into one run (teacher: ConvNet-4 of width 128, the usual 64-px
