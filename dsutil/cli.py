@@ -76,7 +76,7 @@ def cmd_train(args) -> None:
     name = f"{Path(args.labels).name}-{cfg.arch}-r{cfg.prune_ratio:g}-{cfg.metric}-{cfg.granularity}"
     out = args.out or Path(args.run) / "students" / (name + ("-online" if cfg.online else ""))
     result = train_student(args.run, args.labels, cfg, out, device=args.device, restart=args.restart,
-                           keep_checkpoint=args.keep_checkpoint)
+                           keep_checkpoint=args.keep_checkpoint, checkpoint_seconds=args.checkpoint_seconds)
     print(f"student {cfg.arch}: test top-1 {result['test_top1']:.4f} with {result['label_bytes']} label bytes "
           f"-> {out}")
 
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_relabel)
 
     from .labels import PRUNE_METRICS
-    from .train import SCHEDULES, StudentConfig
+    from .train import CHECKPOINT_SECONDS, SCHEDULES, StudentConfig
 
     p = sub.add_parser("train", formatter_class=DefaultsHelp, help="train a student on a label store and evaluate it on real test images")
     d = StudentConfig()
@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--online", action="store_true", help="label each batch with the teacher on the fly")
     p.add_argument("--restart", action="store_true", help="train from scratch in an --out that holds another run")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after training finishes")
+    p.add_argument("--checkpoint-seconds", type=float, default=CHECKPOINT_SECONDS,
+                   help="write checkpoint.pt at the end of an epoch at most this often (0: every epoch)")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=None)

@@ -26,6 +26,7 @@ from .settings import non_negative, one_of, positive, require
 
 
 SCHEDULES = ("constant", "step", "cosine")
+CHECKPOINT_SECONDS = 120.0  # a student checkpoint at most this often (and after the last epoch)
 
 
 @dataclass
@@ -135,18 +136,22 @@ def hard_loss(student_logits, y, y_partner, lam: float) -> torch.Tensor:
 
 def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str = "auto",
                   progress: bool = True, data: ImageData | None = None, restart: bool = False,
-                  keep_checkpoint: bool = False) -> dict:
+                  keep_checkpoint: bool = False, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> dict:
     """Train a student from scratch on a label store (or online), evaluate on the real test split.
 
     ``out_dir`` gets student.safetensors, train.json (written last: the run is finished) and
     metrics.jsonl (one line per epoch). An interrupted run resumes from ``checkpoint.pt`` (a torch.save
     zip of tensors, read with weights_only=True), which is removed at the end unless ``keep_checkpoint``.
+    It is written after the first epoch that ends ``checkpoint_seconds`` or more after the last one (0: every
+    epoch), and after the last epoch: a ResNet-18's weights and AdamW state are 134 MB, too much to write
+    after every short epoch on a GPU; a crash loses at most that many seconds of training.
     A folder holding a run of other settings or inputs is refused, or cleared with ``restart``.
     """
     from .data import load_from_source
     from .recover import load_squeezed
     from .relabel import RelabelConfig
 
+    non_negative("checkpoint_seconds", checkpoint_seconds)
     dev = resolve_device(device)
     workers = loader_workers(cfg.workers)
     out_dir = Path(out_dir)
@@ -212,7 +217,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
         dynamics.state = state["dynamics"]
         start_epoch = state["epoch"] + 1
         history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()][:start_epoch]
-    started = time.time()
+    started = saved = time.time()
     a = manifest["settings"]  # fresh crops (online and hard epochs) follow the store's augmentation
     fresh_cfg = RelabelConfig(**{k: a[k] for k in ("batch_size", "crop_scale", "flip", "mix", "mix_alpha")},
                               epochs=epochs, seed=cfg.seed + 1)
@@ -260,10 +265,12 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
             bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
             if is_main():
                 write_metrics(out_dir / "metrics.jsonl", history)
-                with atomic_path(ckpt) as tmp:
-                    torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "epoch": epoch, "fingerprint": fingerprint,
-                                "dynamics": dynamics.state}, tmp)
+                if epoch == epochs - 1 or time.time() - saved >= checkpoint_seconds:
+                    with atomic_path(ckpt) as tmp:
+                        torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(), "epoch": epoch, "fingerprint": fingerprint,
+                                    "dynamics": dynamics.state}, tmp)
+                    saved = time.time()
     bar.close()
     metrics = evaluate(student, data, "test", dev)  # under torchrun: each rank a share, gathered
     used = sorted({(e, b) for kind, e, b in steps if kind == "stored"})  # the labels this student needed

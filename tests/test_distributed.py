@@ -136,7 +136,8 @@ def test_a_student_over_two_ranks_matches_one_process_and_is_evaluated(runs):
     assert b["ranks"] == 2 and abs(a["test_top1"] - b["test_top1"]) <= 0.002
     # the BatchNorm student runs 100 epochs, one of its ranks is killed after the first checkpoint, and a rerun
     # resumes from rank 0's last checkpoint: the epochs before it are not trained again
-    bn2, long = runs["one"] / "bn2", [*args, "--epochs", "100", "--run-dir", runs["one"], "--out", runs["one"] / "bn2"]
+    bn2 = runs["one"] / "bn2"
+    long = [*args, "--epochs", "100", "--checkpoint-seconds", "0", "--run-dir", runs["one"], "--out", bn2]
     kill_one_rank_when(dsutil(*long, ranks=2, wait=False), (bn2 / "checkpoint.pt").exists)
     done = torch.load(bn2 / "checkpoint.pt", weights_only=True)["epoch"] + 1  # epochs finished before the kill
     before = (bn2 / "metrics.jsonl").read_text().splitlines()[:done]

@@ -205,7 +205,8 @@ def test_student_trains_on_stored_labels_and_refuses_other_settings(run, make_st
 
 def test_interrupted_student_resumes_to_the_same_weights(run, make_store, tmp_path):
     """A store with one bad epoch file stops training part-way, deterministically; once the file is
-    repaired, the rerun resumes from the checkpoint and ends where an uninterrupted run ends."""
+    repaired, the rerun resumes from the checkpoint and ends where an uninterrupted run ends. With the
+    default checkpoint interval no checkpoint was written yet: the rerun starts over, to the same end."""
     store = tmp_path / "store"
     shutil.copytree(make_store(epochs=30, batch_size=10), store)
     cfg = StudentConfig(**STUDENT, epochs=6, granularity="epoch")  # student epoch e replays relabel epoch e
@@ -216,19 +217,26 @@ def test_interrupted_student_resumes_to_the_same_weights(run, make_store, tmp_pa
     broken = dict(good, index=good["index"].clone())
     broken["index"][7] = 10**6  # no such image: replaying this batch fails
     save_file(broken, str(bad))
-    with pytest.raises(IndexError):
-        train_student(run, store, cfg, tmp_path / "resumed", device="cpu", progress=False)
+    with pytest.raises(IndexError):  # a checkpoint after every epoch
+        train_student(run, store, cfg, tmp_path / "resumed", device="cpu", progress=False, checkpoint_seconds=0)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert not (tmp_path / "resumed" / "train.json").exists()
+    with pytest.raises(IndexError):  # the default: at most every 2 minutes, so none yet
+        train_student(run, store, cfg, tmp_path / "started-over", device="cpu", progress=False)
+    assert len((tmp_path / "started-over" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert not (tmp_path / "started-over" / "checkpoint.pt").exists()
 
     save_file(good, str(bad))
     resumed = train_student(run, store, cfg, tmp_path / "resumed", device="cpu", progress=False)
+    started_over = train_student(run, store, cfg, tmp_path / "started-over", device="cpu", progress=False)
     a = load_file(tmp_path / "whole" / "student.safetensors")
-    b = load_file(tmp_path / "resumed" / "student.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    assert resumed["test_top1"] == pytest.approx(whole["test_top1"], abs=2e-3)
+    for folder, result in (("resumed", resumed), ("started-over", started_over)):
+        b = load_file(tmp_path / folder / "student.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+        assert result["test_top1"] == pytest.approx(whole["test_top1"], abs=2e-3)
+    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 6
 
 
 def test_online_student_stores_and_reads_no_labels(run, make_store, tmp_path):

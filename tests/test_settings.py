@@ -95,6 +95,7 @@ def test_convert_refuses_what_it_cannot_convert():
     (["labels", "size", "--classes", "10", "--ipc", "5", "--epochs", "3", "--topk", "11"], "topk=11"),
     (["train", "--run", "r", "--labels", "l", "--temperature", "0"], "temperature=0.0"),
     (["train", "--run", "r", "--labels", "l", "--epochs", "0"], "epochs=0"),
+    (["train", "--run", "r", "--labels", "l", "--checkpoint-seconds", "-1"], "checkpoint_seconds=-1.0"),
     (["squeeze", "--out", "r", "--epochs", "0"], "untrained teacher"),
     (["squeeze", "--out", "r", "--num-classes", "0"], "num_classes=0"),
     (["recover", "--run", "r", "--lr", "-1"], "lr=-1.0"),
