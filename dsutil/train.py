@@ -143,7 +143,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     metrics.jsonl (one line per epoch). An interrupted run resumes from ``checkpoint.pt`` (a torch.save
     zip of tensors, read with weights_only=True), which is removed at the end unless ``keep_checkpoint``.
     It is written after the first epoch that ends ``checkpoint_seconds`` or more after the last one (0: every
-    epoch), and after the last epoch: a ResNet-18's weights and AdamW state are 134 MB, too much to write
+    epoch), and after the last epoch: a ResNet-18's weights and AdamW state are about 130 MiB, too much to write
     after every short epoch on a GPU; a crash loses at most that many seconds of training.
     A folder holding a run of other settings or inputs is refused, or cleared with ``restart``.
     """
