@@ -6,7 +6,7 @@ pixels: the speed does not depend on them) of 200 classes:
 
 * ``relabel``: :func:`dsutil.relabel.relabel` (its whole stage: replay, teacher, epoch files) with W
   replay workers, against the teacher's forward alone over the same replayed batches held on the device;
-* ``train``: :func:`dsutil.train.train_student` (KD steps, dynamics, a checkpoint per epoch) with W
+* ``train``: :func:`dsutil.train.train_student` (KD steps, dynamics, its checkpoints) with W
   workers, against forward + backward + AdamW steps over the same batches and logits held on the device.
 
 ``over_held`` is the stage's steps per second over the held loop's (>= 0.9: the device waits for data
