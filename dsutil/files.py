@@ -50,7 +50,7 @@ def write_jsonl(path, rows: list[dict]) -> None:
 
 
 TENSORBOARD_ENV = "DSUTIL_TENSORBOARD"  # a folder: training loops mirror their per-epoch metrics there
-_tensorboard_writers: dict = {}
+_tensorboard: dict = {}  # the one open writer (loops run one at a time): its metrics file -> SummaryWriter
 
 
 def check_tensorboard() -> None:
@@ -74,9 +74,12 @@ def write_metrics(path, history: list[dict]) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     path = Path(path).resolve()
-    if path not in _tensorboard_writers:
-        _tensorboard_writers[path] = SummaryWriter(str(Path(root) / path.parent.name / path.stem))
-    writer, row = _tensorboard_writers[path], history[-1]
+    if path not in _tensorboard:  # another loop's: close its writer (files, thread) before opening this one's
+        for old in _tensorboard.values():
+            old.close()
+        _tensorboard.clear()
+        _tensorboard[path] = SummaryWriter(str(Path(root) / path.parent.name / path.stem))
+    writer, row = _tensorboard[path], history[-1]
     for key, value in row.items():
         if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
             writer.add_scalar(key, value, row["epoch"])

@@ -556,14 +556,16 @@ def test_tensorboard_mirrors_the_metrics_file_when_asked(run, make_store, tmp_pa
     from dsutil.files import check_tensorboard
 
     monkeypatch.setenv("DSUTIL_TENSORBOARD", str(tmp_path / "tb"))
-    out = tmp_path / "student"
-    train_student(run, make_store(epochs=3, batch_size=10), StudentConfig(**STUDENT), out, device="cpu", progress=False)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    events = EventAccumulator(str(tmp_path / "tb" / "student" / "metrics"))
-    events.Reload()
-    for key in ("loss", "lr", "loader_wait_seconds"):
-        got = [(e.step, e.value) for e in events.Scalars(key)]
-        assert got == [(m["epoch"], pytest.approx(m[key], rel=1e-6)) for m in lines]  # float32 in the events
+    for name, epochs in (("first", 3), ("second", 2)):  # the second closes the first's writer
+        train_student(run, make_store(epochs=3, batch_size=10), StudentConfig(**STUDENT, epochs=epochs),
+                      tmp_path / name, device="cpu", progress=False)
+    for name in ("first", "second"):
+        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        events = EventAccumulator(str(tmp_path / "tb" / name / "metrics"))
+        events.Reload()
+        for key in ("loss", "lr", "loader_wait_seconds"):
+            got = [(e.step, e.value) for e in events.Scalars(key)]
+            assert got == [(m["epoch"], pytest.approx(m[key], rel=1e-6)) for m in lines]  # float32 in the events
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(RuntimeError, match="DSUTIL_TENSORBOARD=.*tensorboard is not installed"):
         check_tensorboard()
