@@ -137,8 +137,9 @@ def cmd_run(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .recover import METHODS, REAL, RecoverConfig
-    from .squeeze import TeacherConfig
+    from .image_store import IMAGE_FORMATS
+    from .recover import JITTER_RANGES, METHODS, REAL, RecoverConfig
+    from .squeeze import BN_ESTIMATORS, BN_VIEWS, TeacherConfig
 
     parser = argparse.ArgumentParser(prog="dsutil", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--shift", type=int, default=d.shift, help="largest random translation, pixels")
     p.add_argument("--pretrained", action="store_true", help="start from cached torchvision weights")
+    p.add_argument("--bn-views", default=d.bn_views, choices=BN_VIEWS,
+                   help="BN statistics of plain training images or of augmented views (official)")
+    p.add_argument("--bn-estimator", default=d.bn_estimator, choices=BN_ESTIMATORS,
+                   help="exact float64 sums, or per-class momentum running averages (official)")
+    p.add_argument("--bn-momentum", type=float, default=d.bn_momentum, help="of the running estimator")
+    p.add_argument("--bn-batch-size", type=int, default=d.bn_batch_size, help="images per BN-statistics batch")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the mnist5k train/test split")
     p.add_argument("--teacher-checkpoint", type=Path, default=None,
@@ -177,10 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r-bn", dest="r_bn", type=float, default=r.r_bn, help="weight of the BN loss")
     p.add_argument("--first-bn-multiplier", type=float, default=r.first_bn_multiplier)
     p.add_argument("--jitter", type=int, default=r.jitter, help="largest random roll, pixels")
+    p.add_argument("--jitter-range", default=r.jitter_range, choices=JITTER_RANGES,
+                   help="rolls drawn from -jitter..jitter, or 0..jitter (official ImageNet-1K)")
+    p.add_argument("--image-format", default=r.image_format, choices=IMAGE_FORMATS,
+                   help="keep rounded pixels, or the official uint8 truncation and JPEG-75 round trip")
     p.add_argument("--crop-scale", type=float, nargs=2, default=r.crop_scale, metavar=("MIN", "MAX"))
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (flip: %(default)s)")
     p.add_argument("--chunk-classes", type=int, default=r.chunk_classes, help="classes per cross-class group")
-    p.add_argument("--global-targets", default=r.global_targets, choices=["running", "exact"])
+    p.add_argument("--global-targets", default=r.global_targets, choices=["running", "measured"],
+                   help="SRe2L's targets: the BN layers' running buffers, or squeeze's measured global statistics")
     p.add_argument("--batch-images", type=int, default=r.batch_images, help="images per teacher forward pass")
     p.add_argument("--seed", type=int, default=r.seed)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs)")
@@ -198,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_import)
 
-    from .labels import TOPK_FILLS
+    from .labels import PRUNE_POOLS, TOPK_FILLS
     from .relabel import MIXES, RelabelConfig
 
     p = sub.add_parser("relabel", formatter_class=DefaultsHelp, help="store FKD-style soft labels of augmented crops, with replay recipes")
@@ -213,11 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (flip: %(default)s)")
     p.add_argument("--dtype", default=d.dtype, choices=["fp16", "bf16", "fp32"])
     p.add_argument("--prune-ratio", type=float, default=d.prune_ratio,
-                   help="generate only a random 1 - r of the batches")
+                   help="generate only 1 - r of the batches (which: --prune-pool)")
+    p.add_argument("--prune-pool", default=d.prune_pool, choices=PRUNE_POOLS,
+                   help="a uniform random subset, the first 1 - r (official), or a coverage-balanced random pool")
     p.add_argument("--topk", type=int, default=d.topk, help="store only the K largest logits of every label")
     p.add_argument("--topk-fill", default=d.topk_fill, choices=TOPK_FILLS,
-                   help="rebuild the other classes with the label's minimum logit (LPQLD) or with their "
-                        "probability mass at T=1 spread evenly")
+                   help="the other classes: probability zero (LPQLD's MR-k), the label's minimum logit (MRS-k), "
+                        "their mass at T=1 spread evenly, or probs: top-k probabilities at --topk-temperature (MS-k)")
+    p.add_argument("--topk-temperature", type=float, default=d.topk_temperature,
+                   help="--topk-fill probs: the fixed temperature of the stored probabilities")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=None, help="store folder (default RUN/labels/<name>)")
     p.add_argument("--restart", action="store_true", help="relabel from scratch in an --out that holds another store")
@@ -228,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_relabel)
 
     from .labels import PRUNE_METRICS
-    from .train import CHECKPOINT_SECONDS, SCHEDULES, StudentConfig
+    from .train import CHECKPOINT_SECONDS, DRAWS, SCHEDULES, StudentConfig
 
     p = sub.add_parser("train", formatter_class=DefaultsHelp, help="train a student on a label store and evaluate it on real test images")
     d = StudentConfig()
@@ -239,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores-from", default=d.scores_from, metavar="STUDENT_DIR",
                    help="a trained student whose dynamics.safetensors scores el2n/aum/forgetting pruning")
     p.add_argument("--granularity", default=d.granularity, choices=["batch", "epoch"])
+    p.add_argument("--pool", default=d.pool, choices=PRUNE_POOLS,
+                   help="random pruning keeps a uniform subset, the first 1 - r (official) or a balanced pool")
+    p.add_argument("--draw", default=d.draw, choices=DRAWS,
+                   help="each epoch's batches: shuffled passes over the pool, or drawn with replacement (official)")
     p.add_argument("--student", dest="arch", default=d.arch)
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--depth", type=int, default=d.depth)
@@ -247,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--no-decay-1d", dest="decay_1d", action="store_false",
+                   help="no weight decay on 1-D parameters, BN weights and biases (official)")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="linear learning-rate warm-up")
     p.add_argument("--temperature", type=float, default=d.temperature, help="on the stored logits; a schedule's start")
     p.add_argument("--temperature-schedule", default=d.temperature_schedule, choices=SCHEDULES,
                    help="step: x gamma every step-epochs; cosine: down to --temperature-min at the last epoch")

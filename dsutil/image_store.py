@@ -27,10 +27,33 @@ ENCODINGS = {"uint8": ("pixels", "U8", torch.uint8), "float32": ("images", "F32"
 READ_BATCH = 256  # rows per read when a whole set is streamed in order
 
 
-def quantise(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """Normalised float images -> uint8 pixels (clipped to [0, 1], rounded to the nearest 1/255)."""
+IMAGE_FORMATS = ("lossless", "jpeg75")  # what recover keeps: rounded pixels, or the official JPEG round trip
+
+
+def quantise(images: torch.Tensor, mean, std, image_format: str = "lossless") -> torch.Tensor:
+    """Normalised float images -> uint8 pixels, clipped to [0, 1]: rounded to the nearest 1/255 (``lossless``),
+    or as the official recover saves them (``jpeg75``): truncated to uint8, written as JPEG at PIL's default
+    quality 75 and decoded again, the pixels relabel and the student then read."""
     mean, std = (torch.as_tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
-    return ((images.float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    scaled = (images.float().cpu() * std + mean).clamp(0, 1) * 255
+    if image_format == "lossless":
+        return scaled.round().to(torch.uint8)
+    return torch.stack([jpeg_round_trip(x) for x in scaled.to(torch.uint8)])
+
+
+def jpeg_round_trip(pixels: torch.Tensor, quality: int = 75) -> torch.Tensor:
+    """One C x H x W uint8 image through a JPEG file of ``quality`` and back."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a = pixels.permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buffer, format="JPEG", quality=quality)
+    with Image.open(io.BytesIO(buffer.getvalue())) as im:
+        back = np.asarray(im)
+    return torch.from_numpy(back.copy()).reshape(a.shape).permute(2, 0, 1)
 
 
 def write_image_set(path, labels: torch.Tensor, shape: tuple[int, int, int], batches: Iterable[torch.Tensor],

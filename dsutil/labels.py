@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .files import read_json
+from .settings import one_of
 
 FORMAT_VERSION = 1
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -26,10 +27,19 @@ META_BYTES_PER_IMAGE = 4 + 16 + 1 + 4
 META_BYTES_PER_BATCH = 8 + 4 + 4 + 16
 HEADER_BYTES_PER_FILE = 584  # safetensors header of one epoch file, no metadata (measured; varies by a few bytes)
 HEADER_BYTES_PER_TOPK_FILE = 728  # the same with top-k labels (three tensors in place of the logits)
+HEADER_BYTES_PER_TOPK2_FILE = 656  # top-k labels that store no fill value (two tensors)
 PRUNE_METRICS = ("random", "order", "entropy-high", "entropy-low", "margin-high", "margin-low",
                  "el2n-high", "el2n-low", "aum-high", "aum-low", "forgetting-high", "forgetting-low")
 DYNAMICS_METRICS = tuple(m for m in PRUNE_METRICS if m.split("-")[0] in ("el2n", "aum", "forgetting"))
-TOPK_FILLS = ("min", "mass")
+# what a top-k label gives the other classes: zero probability (LPQLD's MR-k), the label's minimum logit
+# (MRS-k), their probability mass at T = 1 spread evenly (mass), or, for labels stored as top-k probabilities at
+# a fixed temperature (MS-k), zero probability without renormalising
+TOPK_FILLS = ("zero", "min", "mass", "probs")
+STORED_FILLS = ("min", "mass")  # the fills that store one value per label
+# which stored label batches make the pool at a pruning ratio: a uniform random subset of all (epoch, batch) pairs;
+# the first (1 - r) in generation order (the official code); a random pool that gives every image the same number
+# of stored labels, within one (whole relabel epochs, then batches of one more epoch)
+PRUNE_POOLS = ("uniform", "first", "balanced")
 
 
 class LabelStoreError(ValueError):
@@ -51,23 +61,25 @@ def check_prune_ratio(r: float) -> float:
 
 
 def storage_bytes(classes: int, ipc: int, epochs: int, batch_size: int = 1024, prune_ratio: float = 0.0,
-                  dtype: str = "fp16", topk: int | None = None, metadata: bool = True) -> int:
+                  dtype: str = "fp16", topk: int | None = None, metadata: bool = True, topk_fill: str = "min") -> int:
     """Bytes of a label store: E x N x C x bytes x (1 - r), plus replay metadata.
 
-    With ``topk`` a label is its K largest logits, their class indices and one fill value.
+    With ``topk`` a label is its K largest logits and their class indices, plus one fill value for the
+    fills that store one (``min``, ``mass``).
     """
     check_prune_ratio(prune_ratio)
     for name, value in (("classes", classes), ("ipc", ipc), ("epochs", epochs), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name}={value}: expected a positive integer")
     n = classes * ipc
-    per_image = label_bytes(classes, dtype, topk)
+    per_image = label_bytes(classes, dtype, topk, topk_fill)
     batches = epochs * math.ceil(n / batch_size)
     kept = max(1, round(batches * (1 - prune_ratio)))
     images = kept * n * epochs / batches  # labelled images in the kept batches (on average)
     files = min(epochs, kept)
-    meta = images * META_BYTES_PER_IMAGE + kept * META_BYTES_PER_BATCH + files * (HEADER_BYTES_PER_FILE if topk is None else HEADER_BYTES_PER_TOPK_FILE) \
-        if metadata else 0
+    header = HEADER_BYTES_PER_FILE if topk is None else \
+        HEADER_BYTES_PER_TOPK_FILE if topk_fill in STORED_FILLS else HEADER_BYTES_PER_TOPK2_FILE
+    meta = images * META_BYTES_PER_IMAGE + kept * META_BYTES_PER_BATCH + files * header if metadata else 0
     return round(images * per_image + meta)
 
 
@@ -76,8 +88,8 @@ def index_dtype(classes: int) -> torch.dtype:
     return torch.int16 if classes <= 2**15 else torch.int32
 
 
-def label_bytes(classes: int, dtype: str, topk: int | None = None) -> int:
-    """Bytes of one stored label: C logits, or K logits + K class indices + 1 fill value."""
+def label_bytes(classes: int, dtype: str, topk: int | None = None, fill: str = "min") -> int:
+    """Bytes of one stored label: C logits, or K values + K class indices (+ 1 fill value for min, mass)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     per_value = DTYPES[dtype].itemsize
@@ -85,32 +97,38 @@ def label_bytes(classes: int, dtype: str, topk: int | None = None) -> int:
         return classes * per_value
     if not 1 <= topk <= classes:
         raise ValueError(f"topk={topk}: expected 1 to the number of classes ({classes})")
-    return topk * (per_value + index_dtype(classes).itemsize) + per_value
+    return topk * (per_value + index_dtype(classes).itemsize) + (per_value if fill in STORED_FILLS else 0)
 
 
-def topk_compress(logits: torch.Tensor, k: int, fill: str = "min") -> dict[str, torch.Tensor]:
-    """The K largest logits of every row, their class indices, and the value the others are rebuilt with.
+def topk_compress(logits: torch.Tensor, k: int, fill: str = "min", temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """The K largest logits of every row and their class indices, plus, for ``min`` and ``mass``, the value the
+    other classes are rebuilt with (see TOPK_FILLS).
 
-    ``min`` (LPQLD's rebuild): the row's smallest logit. ``mass``: the value that gives the other
-    C - K classes, equally, exactly the probability mass they had at temperature 1.
+    ``min`` (LPQLD's MRS-k): the row's smallest logit. ``mass``: the value that gives the other C - K classes,
+    equally, exactly the probability mass they had at temperature 1. ``zero`` (MR-k) stores nothing more;
+    ``probs`` (MS-k) stores the K largest log-probabilities at ``temperature`` in place of the logits.
     """
     if fill not in TOPK_FILLS:
         raise ValueError(f"topk fill must be one of {', '.join(TOPK_FILLS)}, got {fill!r}")
     n, c = logits.shape
-    values, index = logits.float().topk(k, 1)
-    if k == c:
-        rest = values[:, -1]
-    elif fill == "min":
-        rest = logits.float().min(1).values
-    else:
-        outside = logits.float().scatter(1, index, float("-inf"))
-        rest = outside.logsumexp(1) - math.log(c - k)
-    return {"topk_values": values, "topk_index": index.to(index_dtype(c)), "topk_fill": rest}
+    logits = logits.float()
+    if fill == "probs":
+        logits = (logits / temperature).log_softmax(1)
+    values, index = logits.topk(k, 1)
+    out = {"topk_values": values, "topk_index": index.to(index_dtype(c))}
+    if fill == "min":
+        out["topk_fill"] = values[:, -1] if k == c else logits.min(1).values
+    elif fill == "mass":
+        outside = logits.scatter(1, index, float("-inf"))
+        out["topk_fill"] = values[:, -1] if k == c else outside.logsumexp(1) - math.log(c - k)
+    return out
 
 
-def topk_expand(values: torch.Tensor, index: torch.Tensor, fill: torch.Tensor, classes: int) -> torch.Tensor:
-    """Full logit rows from :func:`topk_compress`'s parts: the stored logits in place, ``fill`` elsewhere."""
-    out = fill.float()[:, None].expand(len(values), classes).clone()
+def topk_expand(values: torch.Tensor, index: torch.Tensor, fill: torch.Tensor | None, classes: int) -> torch.Tensor:
+    """Full rows from :func:`topk_compress`'s parts: the stored values in place, ``fill`` elsewhere, or -inf
+    (probability zero) where no fill is stored."""
+    rest = torch.full((len(values),), float("-inf")) if fill is None else fill.float()
+    out = rest[:, None].expand(len(values), classes).clone()
     return out.scatter(1, index.long(), values.float())
 
 
@@ -137,14 +155,14 @@ class BatchRecord:
 
 
 def write_epoch(path, records: list[BatchRecord], num_classes: int, dtype: str, topk: int | None = None,
-                topk_fill: str = "min") -> None:
+                topk_fill: str = "min", topk_temperature: float = 1.0) -> None:
     """Write the kept batches of one epoch as one safetensors file (atomically); with ``topk``, only
     the parts :func:`topk_compress` keeps of every label."""
     from .files import save_tensors
 
     sizes = torch.tensor([len(r.index) for r in records], dtype=torch.long)
     logits = torch.cat([r.logits for r in records]).cpu() if records else torch.zeros(0, num_classes)
-    labels = {"logits": logits} if topk is None else topk_compress(logits, topk, topk_fill)
+    labels = {"logits": logits} if topk is None else topk_compress(logits, topk, topk_fill, topk_temperature)
     labels = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in labels.items()}
     save_tensors(path, {
         "offsets": torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]),
@@ -175,15 +193,17 @@ class LabelStore:
             m = self.manifest
             self.present = {int(e): [int(b) for b in ids] for e, ids in m["present"].items()}
             self.topk = m.get("topk")  # None: full logits are stored
+            self.topk_fill = m.get("topk_fill", "min")  # the fill of stores made before there were others
             ok = (isinstance(m["classes"], list) and all(isinstance(c, str) for c in m["classes"])
                   and m["dtype"] in DTYPES and (self.topk is None or type(self.topk) is int and self.topk >= 1)
+                  and self.topk_fill in TOPK_FILLS
                   and all(type(m[k]) is int and m[k] >= 1 for k in ("epochs", "batches_per_epoch"))
                   and isinstance(m["images"], str) and isinstance(m["images_sha256"], str))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LabelStoreError(f"{self.path / 'manifest.json'} is not a label store manifest ({e!r})") from None
         if not ok:
             raise LabelStoreError(f"{self.path / 'manifest.json'} is not a label store manifest: classes, dtype, "
-                                  "topk, epochs, batches_per_epoch, images or images_sha256 has the wrong type")
+                                  "topk, topk_fill, epochs, batches_per_epoch, images or images_sha256 has the wrong type")
         self._handles: dict[int, object] = {}
         self._offsets: dict[int, dict[int, tuple[int, int]]] = {}
 
@@ -211,7 +231,8 @@ class LabelStore:
             handle = self._open(e)
             n = handle.get_slice("index").get_shape()[0]
             shapes = {"logits": [n, self.num_classes]} if self.topk is None else \
-                {"topk_values": [n, self.topk], "topk_index": [n, self.topk], "topk_fill": [n]}
+                {"topk_values": [n, self.topk], "topk_index": [n, self.topk]} | \
+                ({"topk_fill": [n]} if self.topk_fill in STORED_FILLS else {})
             shapes |= {"boxes": [n, 4], "flips": [n], "mix_perm": [n]}
             for name, shape in shapes.items():
                 if name not in handle.keys() or handle.get_slice(name).get_shape() != shape:
@@ -253,11 +274,24 @@ class LabelStore:
         except Exception as e:
             raise LabelStoreError(f"{self.epoch_path(epoch)} could not be read ({e}); is it truncated?") from e
 
+    @property
+    def holds_probs(self) -> bool:
+        """Whether labels are log-probabilities at a fixed temperature (MS-k), not logits."""
+        return self.topk is not None and self.topk_fill == "probs"
+
     def _logits(self, get) -> torch.Tensor:
-        """Full float logits from a getter of stored tensors (a slice of rows, or a whole epoch)."""
+        """Full float logits (log-probabilities for MS-k; -inf for classes of probability zero) from a getter
+        of stored tensors (a slice of rows, or a whole epoch)."""
         if self.topk is None:
             return get("logits").float()
-        return topk_expand(get("topk_values"), get("topk_index"), get("topk_fill"), self.num_classes)
+        fill = get("topk_fill") if self.topk_fill in STORED_FILLS else None
+        return topk_expand(get("topk_values"), get("topk_index"), fill, self.num_classes)
+
+    def batch_index(self, epoch: int, batch: int) -> torch.Tensor:
+        """The image indices of one stored batch, without reading its labels."""
+        h = self._open(epoch)
+        lo, hi = self._offsets[epoch][batch]
+        return h.get_slice("index")[lo:hi].long()
 
     def batch_scores(self, metric: str, image_scores: dict[str, torch.Tensor] | None = None
                      ) -> dict[tuple[int, int], float]:
@@ -291,7 +325,7 @@ class LabelStore:
 
     def kept_bytes(self, kept: list[tuple[int, int]]) -> int:
         """Bytes the kept batches take in this format: labels plus replay metadata."""
-        per_image = label_bytes(self.num_classes, self.manifest["dtype"], self.topk) + META_BYTES_PER_IMAGE
+        per_image = label_bytes(self.num_classes, self.manifest["dtype"], self.topk, self.topk_fill) + META_BYTES_PER_IMAGE
         total = 0
         for e, b in kept:
             self._open(e)
@@ -303,10 +337,43 @@ class LabelStore:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
 
+def pool_order(units: list[list[tuple[int, int]]], pool: str, generator: torch.Generator) -> list[int]:
+    """The order in which units of (epoch, batch) pairs, listed in generation order, enter a pruned pool
+    (see PRUNE_POOLS); a pool at ratio r keeps the first (1 - r) of them.
+
+    ``balanced`` takes whole relabel epochs in a random order, each one's units shuffled: every epoch's batches
+    cover each image once, so the pool's stored-label counts differ by at most one between images.
+    """
+    one_of("pool", pool, PRUNE_POOLS)
+    if pool == "first":
+        return list(range(len(units)))
+    if pool == "uniform":
+        return torch.randperm(len(units), generator=generator).tolist()
+    by_epoch: dict[int, list[int]] = {}
+    for i, u in enumerate(units):
+        by_epoch.setdefault(u[0][0], []).append(i)
+    epochs = sorted(by_epoch)
+    order = []
+    for e in torch.randperm(len(epochs), generator=generator).tolist():
+        members = by_epoch[epochs[e]]
+        order += [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
+    return order
+
+
+def coverage(store: LabelStore, keys, num_images: int) -> dict:
+    """How many stored labels each image has in the batches ``keys``: the fraction with none, min and max."""
+    counts = torch.zeros(num_images, dtype=torch.long)
+    for e, b in keys:
+        counts += torch.bincount(store.batch_index(e, b), minlength=num_images)
+    return {"images_never_labelled": float((counts == 0).double().mean()), "labels_per_image_min": int(counts.min()),
+            "labels_per_image_max": int(counts.max())}
+
+
 def select_batches(store: LabelStore, prune_ratio: float, metric: str = "random", granularity: str = "batch",
-                   seed: int = 0, image_scores: dict[str, torch.Tensor] | None = None) -> list[tuple[int, int]]:
+                   seed: int = 0, image_scores: dict[str, torch.Tensor] | None = None,
+                   pool: str = "uniform") -> list[tuple[int, int]]:
     """The (epoch, batch) pairs kept at ``prune_ratio``: 1 - r of the batches, or of whole epochs;
-    ``-high`` keeps the highest-scoring units, ``-low`` the lowest."""
+    ``random`` keeps the ``pool`` (PRUNE_POOLS), ``-high`` the highest-scoring units, ``-low`` the lowest."""
     check_prune_ratio(prune_ratio)
     if metric not in PRUNE_METRICS:
         raise ValueError(f"unknown pruning metric {metric!r}; expected one of {', '.join(PRUNE_METRICS)}")
@@ -319,8 +386,7 @@ def select_batches(store: LabelStore, prune_ratio: float, metric: str = "random"
         units = [[k] for k in keys]
     keep = max(1, round(len(units) * (1 - prune_ratio)))
     if metric == "random":
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(units), generator=gen).tolist()
+        order = pool_order(units, pool, torch.Generator().manual_seed(seed))
     elif metric == "order":
         order = list(range(len(units)))
     else:

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from .augment import crop_flip, rrc_boxes
 from .files import atomic_path, json_ready, load_model, load_tensors, read_json, save_tensors, write_json
-from .image_store import ENCODINGS, READ_BATCH, ImageSet, quantise, write_image_set
+from .image_store import ENCODINGS, IMAGE_FORMATS, READ_BATCH, ImageSet, quantise, write_image_set
 from .runtime import barrier, derive_seed, is_main, my_share, resolve_device
-from .settings import check_crop_scale, non_negative, one_of, positive
+from .settings import check_crop_scale, non_negative, one_of, positive, require
 from .squeeze import BNStats, bn_layers
 
 METHODS = {  # name -> (grouping, BN targets)
@@ -38,6 +38,8 @@ METHODS = {  # name -> (grouping, BN targets)
     "class-globalbn": ("class", "global"),
 }
 REAL = "real"
+GLOBAL_TARGETS = ("running", "measured")
+JITTER_RANGES = ("symmetric", "positive")
 
 
 @dataclass
@@ -49,15 +51,18 @@ class RecoverConfig:
     r_bn: float = 0.01
     first_bn_multiplier: float = 10.0
     jitter: int = 4
+    jitter_range: str = "symmetric"  # each roll drawn from -jitter..jitter, or 0..jitter (official ImageNet-1K)
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
     chunk_classes: int = 100
-    global_targets: str = "running"  # "running": the BN layers' own buffers (SRe2L); "exact": measured
+    global_targets: str = "running"  # running: the BN layers' own buffers (SRe2L); measured: squeeze's global
+    # statistics, from the same views and estimator as the class targets (squeeze's bn_views, bn_estimator)
     batch_images: int = 200  # images per teacher forward pass; groups are packed up to this
     seed: int = 0
     bf16: bool = False
     channels_last: bool = False
     pixels: str = "uint8"  # how images.safetensors keeps the set: uint8 (as PNGs do) or normalised float32
+    image_format: str = "lossless"  # uint8 pixels rounded, or jpeg75: the official truncation + JPEG-75 round trip
 
 
     def __post_init__(self):
@@ -67,8 +72,7 @@ class RecoverConfig:
             raise ValueError(f"ipc must be a positive number of images per class, got {self.ipc}")
         if self.iterations <= 0 and self.method != REAL:
             raise ValueError(f"iterations must be positive, got {self.iterations}")
-        if self.global_targets not in ("running", "exact"):
-            raise ValueError(f"global_targets must be 'running' or 'exact', got {self.global_targets!r}")
+        one_of("global_targets", self.global_targets, GLOBAL_TARGETS)
         self.crop_scale = tuple(self.crop_scale)
         check_crop_scale(self.crop_scale)
         for name in ("lr", "chunk_classes", "batch_images"):
@@ -76,6 +80,10 @@ class RecoverConfig:
         for name in ("r_bn", "first_bn_multiplier", "jitter"):
             non_negative(name, getattr(self, name))
         one_of("pixels", self.pixels, ENCODINGS)
+        one_of("jitter_range", self.jitter_range, JITTER_RANGES)
+        one_of("image_format", self.image_format, IMAGE_FORMATS)
+        require(self.image_format == "lossless" or self.pixels == "uint8", "image_format", self.image_format,
+                "lossless, unless pixels is uint8 (a JPEG holds uint8 pixels)")
 
 
 @dataclass
@@ -195,7 +203,8 @@ def synthesize(teacher: torch.nn.Module, groups: list[Group], targets: BNTargets
         for _ in range(cfg.iterations):
             b.append(rrc_boxes(1, height, width, cfg.crop_scale, generator=gen))
             f.append(torch.rand(1, generator=gen) < 0.5 if cfg.flip else torch.zeros(1, dtype=torch.bool))
-            s.append(torch.randint(-cfg.jitter, cfg.jitter + 1, (1, 2), generator=gen))
+            s.append(torch.randint(-cfg.jitter if cfg.jitter_range == "symmetric" else 0, cfg.jitter + 1, (1, 2),
+                                   generator=gen))
         boxes.append(torch.cat(b)), flips.append(torch.cat(f)), shifts.append(torch.cat(s))
     # iterations x groups x ..., then one row per image through group_of
     boxes, flips, shifts = (torch.stack(t, 1).to(device) for t in (boxes, flips, shifts))
@@ -376,7 +385,7 @@ def assemble(run_dir, cfg: RecoverConfig, spec, info, teacher, device, synth_sec
             batch = [where[i] for i in order[a:a + READ_BATCH].tolist()]
             opened = {u: safe_open(str(u), framework="pt") for u in {u for u, _ in batch}}
             x = torch.stack([opened[u].get_slice("images")[r] for u, r in batch])
-            yield quantise(x, mean, std) if cfg.pixels == "uint8" else x
+            yield quantise(x, mean, std, cfg.image_format) if cfg.pixels == "uint8" else x
 
     shape = (spec["in_channels"], spec["image_size"], spec["image_size"])
     write_image_set(out / "images.safetensors", labels[order], shape, rows(),

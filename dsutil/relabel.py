@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from .augment import rrc_boxes
 from .files import json_ready, read_json, write_json
 from .image_store import ImageSet
-from .labels import (DTYPES, FORMAT_VERSION, TOPK_FILLS, BatchRecord, LabelStore, check_prune_ratio, file_sha256,
-                     write_epoch)
+from .labels import (DTYPES, FORMAT_VERSION, PRUNE_POOLS, TOPK_FILLS, BatchRecord, LabelStore, check_prune_ratio,
+                     file_sha256, pool_order, write_epoch)
 from .recover import load_squeezed
 from .runtime import LoaderWait, barrier, derive_seed, is_main, loader_options, my_share, resolve_device
 from .settings import check_crop_scale, one_of, positive, require
@@ -41,9 +41,11 @@ class RelabelConfig:
     mix: str = "none"
     mix_alpha: float = 1.0
     dtype: str = "fp16"
-    prune_ratio: float = 0.0  # when > 0, only a random (1 - r) of the batches is ever generated
+    prune_ratio: float = 0.0  # when > 0, only (1 - r) of the batches is ever generated: the prune_pool
+    prune_pool: str = "uniform"  # which batches: uniform, first (the official code) or balanced (labels.PRUNE_POOLS)
     topk: int | None = None  # keep only the K largest logits of every label (None: all of them)
-    topk_fill: str = "min"  # what the other classes are rebuilt with: min (LPQLD) or mass (see labels.topk_compress)
+    topk_fill: str = "zero"  # the other classes: zero (LPQLD's MR-k), min (MRS-k), mass or probs (MS-k); TOPK_FILLS
+    topk_temperature: float = 1.0  # probs: the fixed temperature of the stored top-k probabilities
     teacher_bf16: bool = False  # the teacher labels under bf16 autocast (fast on a GPU; logits stored as dtype)
     seed: int = 0
 
@@ -60,6 +62,15 @@ class RelabelConfig:
         positive("mix_alpha", self.mix_alpha)
         require(self.topk is None or self.topk >= 1, "topk", self.topk, "1 or more (or unset: every logit)")
         one_of("topk_fill", self.topk_fill, TOPK_FILLS)
+        one_of("prune_pool", self.prune_pool, PRUNE_POOLS)
+        positive("topk_temperature", self.topk_temperature)
+
+
+def label_settings(settings: dict) -> dict:
+    """Relabel settings as they bear on the labels: the top-k fill and temperature only where top-k is set."""
+    drop = ("topk_fill", "topk_temperature") if settings.get("topk") is None else \
+        ("topk_temperature",) if settings.get("topk_fill") != "probs" else ()
+    return {k: v for k, v in settings.items() if k not in drop}
 
 
 def epoch_records(num_images: int, image_hw: tuple[int, int], cfg: RelabelConfig, epoch: int) -> list[BatchRecord]:
@@ -165,9 +176,9 @@ def _relative_to(path: Path, run_dir) -> str:
 def store_dir(run_dir, images_dir, cfg: RelabelConfig) -> Path:
     name = f"{Path(images_dir).name}-e{cfg.epochs}-b{cfg.batch_size}-{cfg.mix}"
     if cfg.prune_ratio:
-        name += f"-r{cfg.prune_ratio:g}"
+        name += f"-r{cfg.prune_ratio:g}" + ("" if cfg.prune_pool == "uniform" else f"-{cfg.prune_pool}")
     if cfg.topk:
-        name += f"-k{cfg.topk}" + ("" if cfg.topk_fill == "min" else f"-{cfg.topk_fill}")
+        name += f"-k{cfg.topk}-{cfg.topk_fill}" + (f"-t{cfg.topk_temperature:g}" if cfg.topk_fill == "probs" else "")
     return Path(run_dir) / "labels" / name
 
 
@@ -191,12 +202,12 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
             f"at most the number of classes ({spec['num_classes']})")
     out = Path(out) if out else store_dir(run_dir, images_dir, cfg)
     intent = {"images_sha256": file_sha256(images.path),
-              "teacher_sha256": file_sha256(Path(run_dir) / "teacher.safetensors"), "settings": json_ready(asdict(cfg))}
+              "teacher_sha256": file_sha256(Path(run_dir) / "teacher.safetensors"), "settings": json_ready(label_settings(asdict(cfg)))}
     for marker in (out / "manifest.json", out / PENDING):  # epoch files present are reused only for the same inputs
         if marker.exists():
             old = {k: json_ready(read_json(marker).get(k)) for k in intent}
             if isinstance(old["settings"], dict):  # settings added since were at their defaults: the old behaviour
-                old["settings"] = json_ready(asdict(RelabelConfig())) | old["settings"]
+                old["settings"] = json_ready(label_settings(asdict(RelabelConfig()) | old["settings"]))
             if old != intent:
                 if not restart:
                     raise ValueError(f"{out} holds labels made from other images, teacher or settings ({marker.name}); "
@@ -215,12 +226,16 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
     total = cfg.epochs * per_epoch
     keep = set(range(total))
     if cfg.prune_ratio:  # known before relabelling: only the kept batches are generated
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "prune"))
-        keep = set(torch.randperm(total, generator=gen)[:max(1, round(total * (1 - cfg.prune_ratio)))].tolist())
+        units = [[(e, b)] for e in range(cfg.epochs) for b in range(per_epoch)]  # generation order: index e * B + b
+        order = pool_order(units, cfg.prune_pool, torch.Generator().manual_seed(derive_seed(cfg.seed, "prune")))
+        keep = set(order[:max(1, round(total * (1 - cfg.prune_ratio)))])
     present, todo = {}, []  # the kept batches of each epoch; the epochs still to label
+    counts = torch.zeros(n, dtype=torch.long)  # stored labels per image
     for epoch in range(cfg.epochs):
         records = [r for r in epoch_records(n, hw, cfg, epoch) if epoch * per_epoch + r.batch in keep]
         present[epoch] = [r.batch for r in records]
+        for r in records:
+            counts[r.index] += 1
         if records and not _holds(out / f"epoch{epoch:05d}.safetensors", records):
             todo.append(epoch)
     barrier()  # every rank has seen which epoch files are whole before any is written
@@ -237,7 +252,7 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
         done.append(records[batch])  # no wait for the device per batch
         if i + 1 == len(steps) or steps[i + 1][1] != epoch:  # the epoch's last batch: write its file
             write_epoch(out / f"epoch{epoch:05d}.safetensors", done, spec["num_classes"], cfg.dtype, cfg.topk,
-                        cfg.topk_fill)
+                        cfg.topk_fill, cfg.topk_temperature)
             done = []
     barrier()  # every rank's epoch files are written
     present = {e: b for e, b in present.items() if b}
@@ -251,6 +266,8 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
                                  "mix_alpha": cfg.mix_alpha},
                 "settings": asdict(cfg), "present": present, "seconds": time.time() - start,
                 "loader_wait_seconds": loader.seconds}
+    manifest |= {"images_never_labelled": float((counts == 0).double().mean()),  # how evenly the labels cover
+                 "labels_per_image_min": int(counts.min()), "labels_per_image_max": int(counts.max())}  # the images
     if is_main():
         write_json(out / "manifest.json", manifest)  # last: the store is complete
         (out / PENDING).unlink()

@@ -23,7 +23,7 @@ from .labels import DYNAMICS_METRICS, LabelStore
 from .models import penultimate_features
 from .image_store import ImageSet
 from .recover import load_squeezed, recover, recover_dir
-from .relabel import relabel
+from .relabel import label_settings, relabel
 from .runtime import barrier, is_main
 from .squeeze import squeeze
 from .train import train_student
@@ -35,11 +35,15 @@ ADDED_LATER = {"topk": None, "topk_fill": "min", "temperature_schedule": "consta
                "temperature_gamma": 0.7, "temperature_min": 1.0, "student_temperature": None,
                "temperature_ratio": 1.0, "hard_epochs": 0.0, "hard_weight": 0.0, "scores_from": None,
                "teacher_bf16": False, "norm": "batch", "eval_resize": None,
-               "pixels": "float32"}  # not today's default: sets were float32 before uint8 image stores
+               "pixels": "float32",  # not today's default: sets were float32 before uint8 image stores
+               "prune_pool": "uniform", "pool": "uniform", "draw": "cycle", "warmup_epochs": 0, "decay_1d": True,
+               "bn_views": "plain", "bn_estimator": "exact", "bn_momentum": 0.1, "bn_batch_size": 256,
+               "jitter_range": "symmetric", "image_format": "lossless"}
 
 
 def settings_hash(settings: dict, upstream: list[str]) -> str:
     def kept(d):  # sections (squeeze's data: and teacher:) are filtered alike
+        d = label_settings(d) if "topk" in d else d
         return {k: kept(v) if isinstance(v, dict) else v for k, v in d.items()
                 if k not in ADDED_LATER or v != ADDED_LATER[k]}
     return hashlib.sha256(json.dumps((kept(settings), upstream), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -187,8 +191,8 @@ def stage_hash(folder) -> str:
     return read_json(marker)["hash"]
 
 
-def label_store_dir(run_dir, method: str, ipc: int, topk: int | None = None) -> Path:
-    return Path(run_dir) / "labels" / (f"{method}-ipc{ipc}" + (f"-k{topk}" if topk else ""))
+def label_store_dir(run_dir, method: str, ipc: int, topk: int | None = None, topk_fill: str = "zero") -> Path:
+    return Path(run_dir) / "labels" / (f"{method}-ipc{ipc}" + (f"-k{topk}-{topk_fill}" if topk else ""))
 
 
 def ensure_labels(run_dir, method: str, ipc: int, lcfg, device: str = "auto", progress: bool = True,
@@ -196,7 +200,7 @@ def ensure_labels(run_dir, method: str, ipc: int, lcfg, device: str = "auto", pr
     """The label store of ``method``'s images made with relabel settings ``lcfg`` (relabelled when missing
     or made with other settings or images)."""
     run_dir, stages = Path(run_dir), stages or Stages(progress)
-    rdir, store = recover_dir(run_dir, method, ipc), label_store_dir(run_dir, method, ipc, lcfg.topk)
+    rdir, store = recover_dir(run_dir, method, ipc), label_store_dir(run_dir, method, ipc, lcfg.topk, lcfg.topk_fill)
     stages(f"relabel {store.name}", store / "stage.json", asdict(lcfg), [stage_hash(rdir)],
            lambda: relabel(run_dir, rdir, lcfg, out=store, device=device, progress=progress), clear=store)
     return store
@@ -217,7 +221,9 @@ def ensure_recover(run_dir, rcfg, device: str = "auto", progress: bool = True, s
 
 def student_name(method: str, ipc: int, scfg) -> str:
     """Folder name of a student under ``students/``."""
-    suffix = ("" if scfg.granularity == "batch" else f"-{scfg.granularity}") + (f"-s{scfg.seed}" if scfg.seed else "")
+    suffix = ("" if scfg.granularity == "batch" else f"-{scfg.granularity}") + \
+        ("" if scfg.pool == "uniform" else f"-{scfg.pool}") + ("" if scfg.draw == "cycle" else f"-{scfg.draw}") + \
+        (f"-s{scfg.seed}" if scfg.seed else "")
     return f"{method}-ipc{ipc}-{scfg.metric}-r{scfg.prune_ratio:g}{suffix}"
 
 

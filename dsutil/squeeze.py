@@ -1,8 +1,10 @@
-"""Squeeze: train the teacher, then measure exact global and class-wise BN statistics.
+"""Squeeze: train the teacher, then measure global and class-wise BN statistics.
 
-The class-wise statistics are what LPLD's recover stage matches. They are
-computed exactly, from float64 running sums of every BatchNorm2d input over
-one pass of the training set in eval mode, not from momentum averages.
+The class-wise statistics are what LPLD's recover stage matches. Two settings choose them: the views the
+teacher sees (``plain`` training images, or the official code's ``augmented`` RandomResizedCrop + flip
+views) and the estimator (``exact`` float64 sums over one pass in eval mode, or the official code's
+per-class momentum ``running`` averages, updated only in batches that hold the class). docs/fidelity.md
+gives what each choice does to the results.
 """
 from __future__ import annotations
 
@@ -16,13 +18,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import random_shift_flip
+from .augment import crop_flip, random_shift_flip, rrc_boxes
 from .data import ImageData
 from .files import load_model, load_tensors, save_model, save_tensors, write_json, write_metrics
 from .models import build_model
-from .runtime import (barrier, is_main, loader_options, rank, resolve_device, seed_everything, sum_over_ranks,
-                      world_size)
-from .settings import non_negative, one_of, positive
+from .runtime import (barrier, derive_seed, is_main, loader_options, rank, resolve_device, seed_everything,
+                      sum_over_ranks, world_size)
+from .settings import non_negative, one_of, positive, require
+
+BN_VIEWS = ("plain", "augmented")
+BN_ESTIMATORS = ("exact", "running")
 from .evaluate import evaluate
 
 
@@ -39,11 +44,19 @@ class TeacherConfig:
     shift: int = 2  # translation augmentation, pixels
     seed: int = 0
     pretrained: bool = False
+    bn_views: str = "plain"  # what the BN statistics are measured on: plain or augmented (official) views
+    bn_estimator: str = "exact"  # exact float64 sums, or running (official: momentum averages per class)
+    bn_momentum: float = 0.1  # of the running estimator, as BatchNorm's default
+    bn_batch_size: int = 256  # images per pass; the running estimator updates once per batch (official: 256)
 
     def __post_init__(self):
         from .models import ARCHS
 
         one_of("arch", self.arch, ARCHS)
+        one_of("bn_views", self.bn_views, BN_VIEWS)
+        one_of("bn_estimator", self.bn_estimator, BN_ESTIMATORS)
+        require(0 < self.bn_momentum <= 1, "bn_momentum", self.bn_momentum, "a fraction in (0, 1]")
+        positive("bn_batch_size", self.bn_batch_size)
         one_of("optimizer", self.optimizer, ("sgd", "adamw"))
         for name in ("width", "depth", "batch_size"):
             positive(name, getattr(self, name))
@@ -91,14 +104,18 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
 
 @torch.no_grad()
 def bn_statistics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: list[str],
-                  device: torch.device | str = "cpu") -> BNStats:
-    """Exact BN input statistics from one pass over ``(normalised images, labels)`` batches."""
+                  device: torch.device | str = "cpu", estimator: str = "exact", momentum: float = 0.1) -> BNStats:
+    """BN input statistics from one pass over ``(normalised images, labels)`` batches: ``exact`` (float64
+    sums over every image; under torchrun each rank's batches are its share) or ``running`` (the official
+    rule: starting from mean 0 and variance 1, every batch moves a class's estimate by ``momentum`` towards
+    the biased statistics of that class's images in the batch, and the global one towards the batch's)."""
     layers = bn_layers(model)
     num_classes = len(classes)
     sums: list = [None] * len(layers)
     squares: list = [None] * len(layers)
     count = torch.zeros(num_classes, dtype=torch.float64, device=device)
     current = {}
+    running = {}  # layer -> (class mean, class var, global mean, global var), float64
 
     def hook(i):
         def record(module, inputs, output):
@@ -110,8 +127,27 @@ def bn_statistics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
                 current[i] = x.shape[2] * x.shape[3]
             elif x.shape[2] * x.shape[3] != current[i]:
                 raise ValueError(f"BN layer {layers[i][0]} saw inputs of varying size; resize the images")
-            sums[i].index_add_(0, y, x.sum((2, 3)))
-            squares[i].index_add_(0, y, (x * x).sum((2, 3)))
+            if estimator == "exact":
+                sums[i].index_add_(0, y, x.sum((2, 3)))
+                squares[i].index_add_(0, y, (x * x).sum((2, 3)))
+                return
+            s, sq = torch.zeros_like(sums[i]), torch.zeros_like(sums[i])
+            s.index_add_(0, y, x.sum((2, 3)))
+            sq.index_add_(0, y, (x * x).sum((2, 3)))
+            n = torch.bincount(y, minlength=num_classes).double()[:, None] * current[i]
+            present = n[:, 0] > 0
+            mean = s[present] / n[present]
+            if i not in running:
+                channels = x.shape[1]
+                running[i] = [torch.zeros_like(sums[i]), torch.ones_like(sums[i]),
+                              torch.zeros(channels, dtype=torch.float64, device=x.device),
+                              torch.ones(channels, dtype=torch.float64, device=x.device)]
+            r = running[i]
+            g_mean = s.sum(0) / n.sum()
+            for est, value in ((0, mean), (1, sq[present] / n[present] - mean * mean)):
+                r[est][present] = (1 - momentum) * r[est][present] + momentum * value
+            r[2] = (1 - momentum) * r[2] + momentum * g_mean
+            r[3] = (1 - momentum) * r[3] + momentum * (sq.sum(0) / n.sum() - g_mean * g_mean)
         return record
 
     handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
@@ -129,10 +165,17 @@ def bn_statistics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
         for h in handles:
             h.remove()
         model.train(was_training)
-    sum_over_ranks([count, *sums, *squares])  # under torchrun each rank saw a share of the images
+    if estimator == "exact":
+        sum_over_ranks([count, *sums, *squares])  # under torchrun each rank saw a share of the images
     if count.sum() == 0:
         raise ValueError("no images were given to bn_statistics")
     stats = BNStats([n for n, _ in layers], list(classes), count.cpu(), [], [])
+    if estimator == "running":
+        for i in range(len(layers)):
+            for target, value in zip((stats.class_mean, stats.class_var, stats.global_mean, stats.global_var),
+                                     running[i]):
+                target.append(value.cpu())
+        return stats
     for i in range(len(layers)):
         n_pix = count[:, None] * current[i]
         mean = sums[i] / n_pix
@@ -145,16 +188,26 @@ def bn_statistics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
 
 
 def normalised_batches(data: ImageData, batch_size: int = 256, split: str = "train", workers: int | None = None,
-                       device="cpu", shard: bool = False):
-    """``(normalised float images, labels)`` over a split, in order, for statistics; files are decoded by
-    ``workers`` processes (None: see :func:`~dsutil.runtime.loader_options`). With ``shard``, this rank's
-    share of the images only (every world_size-th, from its rank)."""
+                       device="cpu", shard: bool = False, shuffle_seed: int | None = None,
+                       augment_seed: int | None = None):
+    """``(normalised float images, labels)`` over a split for statistics: in order, or shuffled by
+    ``shuffle_seed``; files are decoded by ``workers`` processes (None: see :func:`~dsutil.runtime.loader_options`).
+    With ``shard``, this rank's share of the images only (every world_size-th, from its rank). With
+    ``augment_seed``, each image is a RandomResizedCrop (scale 0.08-1) back to its size, flipped at random
+    where flips keep the class: the views the official code measures class statistics on."""
     ds = getattr(data, split)
     if shard and world_size() > 1:
         if len(ds) < world_size():
             raise ValueError(f"{len(ds)} images cannot be shared by {world_size()} ranks")
         ds = torch.utils.data.Subset(ds, range(rank(), len(ds), world_size()))
-    for x, y in torch.utils.data.DataLoader(ds, batch_size=batch_size, **loader_options(ds, workers, device)):
+    order = {} if shuffle_seed is None else {"shuffle": True, "generator": torch.Generator().manual_seed(shuffle_seed)}
+    views = None if augment_seed is None else torch.Generator().manual_seed(augment_seed)
+    for x, y in torch.utils.data.DataLoader(ds, batch_size=batch_size, **order, **loader_options(ds, workers, device)):
+        if views is not None:
+            n, _, height, width = x.shape
+            boxes = rrc_boxes(n, height, width, (0.08, 1.0), generator=views)
+            flips = torch.rand(n, generator=views) < 0.5 if data.flip else torch.zeros(n, dtype=torch.bool)
+            x = crop_flip(x.float() / 255 if x.dtype == torch.uint8 else x, boxes, flips)
         yield data.normalize(x.to(device, non_blocking=True)), y
 
 
@@ -200,6 +253,20 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
         if metrics_path is not None:
             write_metrics(metrics_path, history)
     return model.eval()
+
+
+def measure_bn_statistics(model: nn.Module, data: ImageData, cfg: TeacherConfig, device, workers: int | None = None,
+                          progress: bool = True) -> BNStats:
+    """The BN statistics ``cfg`` names (views and estimator). The running estimator sees the images in a
+    seeded random order, as the official loader does, and every rank makes the whole pass (its result
+    depends on the order, so it is not split across ranks)."""
+    exact = cfg.bn_estimator == "exact"
+    batches = normalised_batches(data, cfg.bn_batch_size, workers=workers, device=device, shard=exact,
+                                 shuffle_seed=None if exact else derive_seed(cfg.seed, "bn order"),
+                                 augment_seed=derive_seed(cfg.seed, "bn views") if cfg.bn_views == "augmented" else None)
+    total = -(-len(data.train) // cfg.bn_batch_size // (world_size() if exact else 1))
+    return bn_statistics(model, tqdm(batches, desc="BN statistics", disable=not progress, total=total), data.classes,
+                         device, cfg.bn_estimator, cfg.bn_momentum)
 
 
 # what a run holds that was made from its teacher: replaced or removed with it
@@ -249,9 +316,7 @@ def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), devi
     barrier()
     model = load_model(out_dir / "teacher.safetensors", dev)[0]  # every rank: the teacher as saved
     metrics = evaluate(model, data, "test", dev, workers)  # each rank a share of the test split
-    stats = bn_statistics(model, tqdm(normalised_batches(data, workers=workers, device=dev, shard=True),
-                                      desc="BN statistics", disable=not progress,
-                                      total=-(-len(data.train) // 256 // world_size())), data.classes, dev)
+    stats = measure_bn_statistics(model, data, cfg, dev, workers, progress)
     summary = {"dataset": data.describe(), "teacher": spec, "settings": asdict(cfg), "device": str(dev),
                "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
                "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],

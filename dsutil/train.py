@@ -16,7 +16,8 @@ from .data import ImageData
 from .evaluate import evaluate
 from .dynamics import Dynamics, load_scores
 from .files import atomic_path, read_json, save_model, save_tensors, write_json, write_metrics
-from .labels import DYNAMICS_METRICS, PRUNE_METRICS, LabelStore, LabelStoreError, check_prune_ratio, file_sha256, select_batches
+from .labels import (DYNAMICS_METRICS, PRUNE_METRICS, PRUNE_POOLS, LabelStore, LabelStoreError, check_prune_ratio,
+                     coverage, file_sha256, select_batches)
 from .models import build_model
 from .image_store import ImageSet
 from .relabel import StepBatches
@@ -26,6 +27,7 @@ from .settings import non_negative, one_of, positive, require
 
 
 SCHEDULES = ("constant", "step", "cosine")
+DRAWS = ("cycle", "replacement")  # how student epochs draw from the kept pool (see batch_schedule)
 CHECKPOINT_SECONDS = 120.0  # a student checkpoint at most this often (and after the last epoch)
 
 
@@ -51,6 +53,10 @@ class StudentConfig:
     hard_weight: float = 0.0  # in soft epochs, loss = (1 - w) KL + w cross-entropy on the hard labels
     prune_ratio: float = 0.0
     metric: str = "random"
+    pool: str = "uniform"  # random pruning keeps: uniform, first (official) or balanced (labels.PRUNE_POOLS)
+    draw: str = "cycle"  # each epoch's batches: cycle (shuffled passes over the pool) or replacement (official)
+    warmup_epochs: int = 0  # linear learning-rate warm-up before the cosine decay (the official Tiny-ImageNet: 5)
+    decay_1d: bool = True  # weight decay on 1-D parameters (BN weights, biases) too; the official code exempts them
     scores_from: str | None = None  # a student folder whose dynamics.safetensors scores el2n/aum/forgetting
     granularity: str = "batch"
     online: bool = False  # the teacher labels every batch on the fly; nothing is stored or read
@@ -68,6 +74,11 @@ class StudentConfig:
         one_of("optimizer", self.optimizer, ("adamw", "sgd"))
         one_of("metric", self.metric, PRUNE_METRICS)
         one_of("granularity", self.granularity, ("batch", "epoch"))
+        one_of("pool", self.pool, PRUNE_POOLS)
+        one_of("draw", self.draw, DRAWS)
+        require(self.pool == "uniform" or self.metric == "random", "pool", self.pool,
+                "uniform, unless the metric is random (the other metrics choose their own batches)")
+        non_negative("warmup_epochs", self.warmup_epochs)
         one_of("temperature_schedule", self.temperature_schedule, SCHEDULES)
         require(self.epochs is None or self.epochs >= 1, "epochs", self.epochs,
                 "1 or more (or unset: the store's relabel epochs)")
@@ -98,13 +109,17 @@ class StudentConfig:
 
 
 def batch_schedule(kept: list[tuple[int, int]], epochs: int, per_epoch: int, granularity: str,
-                   seed: int) -> list[list[tuple[int, int]]]:
+                   seed: int, draw: str = "cycle") -> list[list[tuple[int, int]]]:
     """Which stored batch each step of each student epoch replays.
 
-    ``batch``: every epoch draws ``per_epoch`` batches from the kept pool, cycling through
-    shuffled passes over it. ``epoch``: student epoch e replays kept relabel epoch e mod k.
+    ``batch``: every epoch draws ``per_epoch`` batches from the kept pool, cycling through shuffled passes
+    over it (``cycle``), or each one uniformly from the whole pool (``replacement``, as the official code).
+    ``epoch``: student epoch e replays kept relabel epoch e mod k.
     """
     gen = torch.Generator().manual_seed(seed)
+    if granularity == "batch" and draw == "replacement":
+        return [[kept[i] for i in torch.randint(len(kept), (per_epoch,), generator=gen).tolist()]
+                for _ in range(epochs)]
     if granularity == "epoch":
         by_epoch = {}
         for e, b in kept:
@@ -120,11 +135,20 @@ def batch_schedule(kept: list[tuple[int, int]], epochs: int, per_epoch: int, gra
 
 
 def kd_loss(student_logits, teacher_logits, temperature: float, times_t2: bool,
-            student_temperature: float | None = None) -> torch.Tensor:
-    """KL(softmax(z_t / T) || softmax(z_s / T_s)), batch mean, optionally times T_s^2 (T_s defaults to T)."""
+            student_temperature: float | None = None, target: str = "logits") -> torch.Tensor:
+    """KL(softmax(z_t / T) || softmax(z_s / T_s)), batch mean, optionally times T_s^2 (T_s defaults to T).
+
+    ``target``: ``logits`` (every class finite), ``sparse`` (logits with -inf where a top-k label gives
+    probability zero: those classes add nothing) or ``log_probs`` (MS-k: fixed log-probabilities used as they
+    are, with no temperature and no renormalisation; -inf for zero).
+    """
     t, ts = temperature, student_temperature or temperature
-    loss = F.kl_div(F.log_softmax(student_logits / ts, 1), F.log_softmax(teacher_logits / t, 1),
-                    reduction="batchmean", log_target=True)
+    log_q = F.log_softmax(student_logits / ts, 1)
+    if target == "logits":
+        loss = F.kl_div(log_q, F.log_softmax(teacher_logits / t, 1), reduction="batchmean", log_target=True)
+    else:
+        log_p = teacher_logits if target == "log_probs" else F.log_softmax(teacher_logits / t, 1)
+        loss = (log_p.exp() * (log_p.clamp_min(torch.finfo(log_p.dtype).min) - log_q)).sum() / len(log_q)
     return loss * ts * ts if times_t2 else loss
 
 
@@ -132,6 +156,28 @@ def hard_loss(student_logits, y, y_partner, lam: float) -> torch.Tensor:
     """Cross-entropy on the images' class labels; a mixed batch weighs its two labels by the mix weight."""
     loss = F.cross_entropy(student_logits, y)
     return loss if lam == 1.0 else lam * loss + (1 - lam) * F.cross_entropy(student_logits, y_partner)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: StudentConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9); without ``decay_1d``, 1-D parameters (BN weights, biases) get no weight
+    decay, as in the official code."""
+    params = list(model.parameters())
+    groups = [{"params": params}] if cfg.decay_1d else \
+        [{"params": [p for p in params if p.ndim > 1]},
+         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def lr_schedule(opt, steps: int, warmup_steps: int):
+    """Cosine decay over ``steps`` per-step updates; with ``warmup_steps``, first a linear ramp from 1% of the
+    rate (the official Tiny-ImageNet student warms up 5 epochs this way), then cosine over the rest."""
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps - warmup_steps if warmup_steps else steps)
+    if not warmup_steps:
+        return cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(opt, 0.01, 1.0, warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(opt, [ramp, cosine], [warmup_steps])
 
 
 def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str = "auto",
@@ -183,8 +229,9 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     else:
         store.check_files()
         kept = select_batches(store, cfg.prune_ratio, cfg.metric, cfg.granularity, cfg.seed,
-                              load_scores(scores_file) if scores_file else None)
-    schedule = batch_schedule(kept, epochs, manifest["batches_per_epoch"], cfg.granularity, cfg.seed)
+                              load_scores(scores_file) if scores_file else None, cfg.pool)
+    require(cfg.warmup_epochs < epochs, "warmup_epochs", cfg.warmup_epochs, f"fewer than the {epochs} epochs")
+    schedule = batch_schedule(kept, epochs, manifest["batches_per_epoch"], cfg.granularity, cfg.seed, cfg.draw)
     steps, step_epoch = [], []  # what each step reads, and the student epoch it belongs to
     for e in range(epochs):
         if cfg.online or e >= soft_epochs:  # crops drawn afresh, labelled by the teacher or by the class
@@ -202,11 +249,8 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
         if dev.type == "cuda":  # BN statistics over the whole batch, as one process has them
             student = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if dev.type == "cuda" else None)
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(student.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(student.parameters(), cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(steps))
+    opt = make_optimizer(student, cfg)
+    sched = lr_schedule(opt, len(steps), round(cfg.warmup_epochs * len(steps) / epochs))
     dynamics = Dynamics(len(images), early_epochs=max(1, round(0.1 * epochs)), device=dev)
     start_epoch, ckpt, history = 0, out_dir / "checkpoint.pt", []
     if ckpt.exists():
@@ -217,6 +261,8 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
         dynamics.state = state["dynamics"]
         start_epoch = state["epoch"] + 1
         history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()][:start_epoch]
+    target_kind = "log_probs" if store.holds_probs else "sparse" if store.topk and store.topk_fill == "zero" \
+        else "logits"
     started = saved = time.time()
     a = manifest["settings"]  # fresh crops (online and hard epochs) follow the store's augmentation
     fresh_cfg = RelabelConfig(**{k: a[k] for k in ("batch_size", "crop_scale", "flip", "mix", "mix_alpha")},
@@ -242,7 +288,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
         if epoch >= soft_epochs:
             loss = hard_loss(out, y, y_partner, lam)
         else:
-            loss = kd_loss(out, target[mine], t_teacher, cfg.kl_times_t2, t_student)
+            loss = kd_loss(out, target[mine], t_teacher, cfg.kl_times_t2, t_student, target_kind)
             dynamics.observe(index, gather_rows(out.detach(), len(index)), target, epoch)
             if cfg.hard_weight:
                 loss = (1 - cfg.hard_weight) * loss + cfg.hard_weight * hard_loss(out, y, y_partner, lam)
@@ -276,6 +322,7 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     used = sorted({(e, b) for kind, e, b in steps if kind == "stored"})  # the labels this student needed
     result = {"settings": asdict(cfg), "epochs": epochs, "hard_epochs": epochs - soft_epochs,
               "store": str(store.path), "kept_batches": len(kept), "used_batches": len(used),
+              **coverage(store, used, len(images)),
               "stored_batches": len(store.keys()), "label_bytes": store.kept_bytes(used),
               "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],
               "seconds": time.time() - started, "device": str(dev), "workers": workers, "ranks": world_size(),

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from dsutil.cli import main
 from dsutil.files import read_json, write_json
-from dsutil.labels import (HEADER_BYTES_PER_FILE, HEADER_BYTES_PER_TOPK_FILE, LabelStore, LabelStoreError,
-                           human_bytes, select_batches, storage_bytes)
+from dsutil.labels import (HEADER_BYTES_PER_FILE, HEADER_BYTES_PER_TOPK2_FILE, HEADER_BYTES_PER_TOPK_FILE, LabelStore,
+                           LabelStoreError, coverage, human_bytes, select_batches, storage_bytes)
 from dsutil.recover import RecoverConfig, recover, recover_dir
 from dsutil.relabel import RelabelConfig, relabel
 
@@ -37,13 +37,16 @@ def stores(run):
 
     # the default folder name does not tell dtypes apart, so those stores get their own
     return {0.0: make(), 0.5: make(prune_ratio=0.5), "fp32": make(dtype="fp32", out=run / "labels" / "fp32"),
-            "k3": make(topk=3), "k1-r0.5-fp32": make(topk=1, prune_ratio=0.5, dtype="fp32", out=run / "labels" / "k1"),
+            "k3": make(topk=3, topk_fill="min"), "k3-zero": make(topk=3),
+            "k3-probs": make(topk=3, topk_fill="probs", topk_temperature=4.0),
+            "k1-r0.5-fp32": make(topk=1, prune_ratio=0.5, dtype="fp32", topk_fill="min", out=run / "labels" / "k1"),
             "k10-mass": make(topk=10, topk_fill="mass", out=run / "labels" / "k10")}
 
 
-# (prune ratio, dtype, topk) of each store
-SETTINGS = {0.0: (0.0, "fp16", None), 0.5: (0.5, "fp16", None), "fp32": (0.0, "fp32", None), "k3": (0.0, "fp16", 3),
-            "k1-r0.5-fp32": (0.5, "fp32", 1), "k10-mass": (0.0, "fp16", 10)}
+# (prune ratio, dtype, topk, topk fill) of each store
+SETTINGS = {0.0: (0.0, "fp16", None, None), 0.5: (0.5, "fp16", None, None), "fp32": (0.0, "fp32", None, None),
+            "k3": (0.0, "fp16", 3, "min"), "k3-zero": (0.0, "fp16", 3, "zero"), "k3-probs": (0.0, "fp16", 3, "probs"),
+            "k1-r0.5-fp32": (0.5, "fp32", 1, "min"), "k10-mass": (0.0, "fp16", 10, "mass")}
 
 
 # the paper's label storage for ImageNet-1K, 300 relabel epochs, fp16 (its "GB" are GiB)
@@ -91,24 +94,25 @@ def test_labels_size_command(capsys):
 def test_a_real_store_takes_what_storage_bytes_says(stores, setting):
     """The formula counts the epoch files; ``disk_bytes`` also counts manifest.json (a few KiB, any size)."""
     store = LabelStore(stores[setting])
-    r, dtype, topk = SETTINGS[setting]
+    r, dtype, topk, fill = SETTINGS[setting]
     files = sorted(store.path.glob("epoch*.safetensors"))
     epoch_bytes = sum(f.stat().st_size for f in files)
     assert store.disk_bytes() == epoch_bytes + (store.path / "manifest.json").stat().st_size
-    want = storage_bytes(10, IPC, EPOCHS, BATCH, r, dtype, topk)
+    want = storage_bytes(10, IPC, EPOCHS, BATCH, r, dtype, topk, topk_fill=fill or "min")
     assert abs(epoch_bytes - want) <= 0.05 * want
     kept = round(EPOCHS * 5 * (1 - r))
     assert len(store.keys()) == kept
     # without the per-file header estimate, the formula is exact for full batches
-    header = HEADER_BYTES_PER_FILE if topk is None else HEADER_BYTES_PER_TOPK_FILE
+    header = HEADER_BYTES_PER_FILE if topk is None else \
+        HEADER_BYTES_PER_TOPK_FILE if fill in ("min", "mass") else HEADER_BYTES_PER_TOPK2_FILE
     assert store.kept_bytes(store.keys()) == want - header * min(EPOCHS, kept)
     for f in files:  # and the header estimate holds for every file
         t = load_file(f)
         data = sum(v.numel() * v.element_size() for v in t.values())
         assert abs(f.stat().st_size - data - header) <= 32
-    if topk is not None:  # the labels are really stored as K values, K int16 indices and a fill
-        assert (t["topk_values"].shape[1], t["topk_index"].dtype, t["topk_fill"].dim()) == (topk, torch.int16, 1)
-        assert "logits" not in t
+    if topk is not None:  # the labels are really stored as K values, K int16 indices and, for min and mass, a fill
+        assert (t["topk_values"].shape[1], t["topk_index"].dtype) == (topk, torch.int16)
+        assert ("topk_fill" in t) == (fill in ("min", "mass")) and "logits" not in t
 
 
 def test_topk_store_reads_back_the_teacher_logits_it_kept(stores):
@@ -246,3 +250,77 @@ def test_not_a_label_store(stores, tmp_path):
     write_json(future / "manifest.json", manifest)
     with pytest.raises(LabelStoreError, match="format version 99"):
         LabelStore(future)
+
+
+def official_target(z: torch.Tensor, k: int, variant: str, temperature: float, fixed_temperature: float = 1.0):
+    """LPQLD's training targets in float64, written from its formulas: MR-k softmaxes the K kept logits among
+    themselves (others 0); MRS-k fills the others with the row's minimum logit, then softmaxes; MS-k keeps the K
+    largest probabilities at a fixed temperature (others 0, not renormalised)."""
+    top = z.topk(k, 1)
+    if variant == "MR":
+        return torch.zeros_like(z).scatter(1, top.indices, (top.values / temperature).softmax(1))
+    if variant == "MRS":
+        filled = z.min(1, keepdim=True).values.expand_as(z).clone().scatter(1, top.indices, top.values)
+        return (filled / temperature).softmax(1)
+    p = (z / fixed_temperature).softmax(1)
+    return torch.zeros_like(z).scatter(1, top.indices, p.gather(1, top.indices))
+
+
+@pytest.mark.parametrize("fill,variant", [("zero", "MR"), ("min", "MRS"), ("probs", "MS")])
+def test_topk_labels_train_on_lpqlds_targets(fill, variant):
+    """The KL the student minimises on a rebuilt top-k label equals, in float64, the KL to LPQLD's own target."""
+    from dsutil.labels import topk_compress, topk_expand
+    from dsutil.train import kd_loss
+
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(32, 12, generator=gen, dtype=torch.float64) * 3
+    s = torch.randn(32, 12, generator=gen, dtype=torch.float64) * 2
+    t, t_fixed = 4.0, 2.5
+    parts = topk_compress(z, 4, fill, temperature=t_fixed)
+    rebuilt = topk_expand(parts["topk_values"], parts["topk_index"], parts.get("topk_fill"), 12).double()
+    kind = {"zero": "sparse", "min": "logits", "probs": "log_probs"}[fill]
+    got = kd_loss(s, rebuilt, t, False, target=kind)
+    p = official_target(z, 4, variant, t, t_fixed)
+    log_q = (s / t).log_softmax(1)
+    want = torch.where(p > 0, p * (p.clamp_min(1e-300).log() - log_q), 0.0).sum() / len(z)
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-5)
+    if fill != "min":  # the classes outside the top K get probability zero
+        assert ("topk_fill" in parts) is False and torch.isneginf(rebuilt).sum() == 32 * 8
+
+
+def test_pools_first_uniform_and_balanced(stores):
+    """first: the first 1 - r batches in generation order; uniform: a seeded random subset; balanced: every image
+    has as many stored labels as any other, within one, at every ratio (uniform leaves some with none)."""
+    store = LabelStore(stores[0.0])  # 20 epochs x 5 batches of 10 of the 50 images
+    keys = store.keys()
+    assert select_batches(store, 0.9, pool="first") == [(0, b) for b in range(5)] + [(1, b) for b in range(5)]
+    assert select_batches(store, 0.97, pool="first") == [(0, 0), (0, 1), (0, 2)]
+    uniform = select_batches(store, 0.9, seed=4)
+    assert uniform == select_batches(store, 0.9, pool="uniform", seed=4) != select_batches(store, 0.9, seed=5)
+    assert len(uniform) == 10 and set(uniform) <= set(keys)
+    for r in (0.5, 0.87, 0.9, 0.97, 0.99):
+        kept = select_batches(store, r, pool="balanced", seed=1)
+        assert len(kept) == max(1, round(100 * (1 - r)))
+        c = coverage(store, kept, 50)
+        assert c["labels_per_image_max"] - c["labels_per_image_min"] <= 1
+        if len(kept) >= 5:
+            assert c["images_never_labelled"] == 0
+    spread = [coverage(store, select_batches(store, 0.9, seed=s), 50) for s in range(5)]
+    assert max(c["labels_per_image_max"] - c["labels_per_image_min"] for c in spread) > 1
+
+
+def test_relabel_time_pools_generate_the_pool_and_say_what_it_covers(run, tmp_path):
+    images = recover_dir(run, "real", IPC)
+    made = {pool: LabelStore(relabel(run, images, RelabelConfig(epochs=EPOCHS, batch_size=BATCH, prune_ratio=0.9,
+                                                               prune_pool=pool), device="cpu", progress=False))
+            for pool in ("first", "balanced")}
+    assert made["first"].keys() == [(0, b) for b in range(5)] + [(1, b) for b in range(5)]
+    assert made["first"].path.name.endswith("-r0.9-first")
+    for store in made.values():
+        assert store.manifest["images_never_labelled"] == 0.0
+        assert store.manifest["labels_per_image_min"] == store.manifest["labels_per_image_max"] == 2
+    uniform = LabelStore(stores_uniform := relabel(run, images, RelabelConfig(epochs=EPOCHS, batch_size=BATCH,
+                                                                            prune_ratio=0.97), device="cpu",
+                                                 progress=False))
+    assert uniform.manifest["images_never_labelled"] == coverage(uniform, uniform.keys(), 50)["images_never_labelled"] > 0
+    assert stores_uniform.name.endswith("-r0.97")

@@ -1,5 +1,6 @@
 """Relabel and student training on the real MNIST-5k teacher: exact replay, determinism, pruning, errors."""
 import json
+import math
 import pickle
 import shutil
 import sys
@@ -433,7 +434,7 @@ def test_topk_of_every_class_trains_the_same_student_as_full_labels(run, make_st
     images = recover_dir(run, "real", IPC)
     for k in (10, 3):
         assert main(["relabel", "--run", str(run), "--images", str(images), "--epochs", "6", "--batch-size", "10",
-                     "--topk", str(k), "--out", str(tmp_path / f"k{k}"), "--device", "cpu"]) == 0
+                     "--topk", str(k), "--topk-fill", "min", "--out", str(tmp_path / f"k{k}"), "--device", "cpu"]) == 0
     args = ["--width", "32", "--lr", "3e-3", "--device", "cpu"]
     for name, store in (("full", full), ("k10", tmp_path / "k10"), ("k3", tmp_path / "k3")):
         assert main(["train", "--run", str(run), "--labels", str(store), "--out", str(tmp_path / f"s-{name}"), *args]) == 0
@@ -569,3 +570,50 @@ def test_tensorboard_mirrors_the_metrics_file_when_asked(run, make_store, tmp_pa
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(RuntimeError, match="DSUTIL_TENSORBOARD=.*tensorboard is not installed"):
         check_tensorboard()
+
+
+def test_batch_schedule_draws_with_replacement_from_the_pool():
+    kept = [(0, 1), (2, 0), (5, 3)]
+    sched = batch_schedule(kept, epochs=50, per_epoch=4, granularity="batch", seed=2, draw="replacement")
+    flat = [k for s in sched for k in s]
+    assert [len(s) for s in sched] == [4] * 50 and set(flat) == set(kept)
+    assert any(len(set(s)) < len(s) for s in sched)  # a batch may come twice in one epoch, as the official sampler
+    assert sched == batch_schedule(kept, 50, 4, "batch", seed=2, draw="replacement")
+    assert sched != batch_schedule(kept, 50, 4, "batch", seed=2)
+
+
+def test_warm_up_ramps_linearly_then_decays_and_1d_parameters_can_skip_decay():
+    from dsutil.train import lr_schedule, make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    cfg = StudentConfig(lr=0.1, weight_decay=0.05, warmup_epochs=2, decay_1d=False, optimizer="sgd")
+    opt = make_optimizer(model, cfg)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(p) for p in model.parameters() if p.ndim > 1} and len(decayed) == 2
+    assert len(make_optimizer(model, StudentConfig()).param_groups) == 1  # decay_1d (default): one group
+    sched, rates = lr_schedule(opt, 20, 4), []
+    for _ in range(20):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ramp = [0.1 * (0.01 + 0.99 * i / 4) for i in range(4)]  # 1% of the rate, then linearly up over 4 steps
+    assert rates[:4] == pytest.approx(ramp)
+    assert rates[4] == pytest.approx(0.1) and rates[4:] == sorted(rates[4:], reverse=True)
+    cosine = [0.05 * (1 + math.cos(math.pi * i / 16)) for i in range(16)]
+    assert rates[4:] == pytest.approx(cosine)
+
+
+def test_official_pool_student_records_what_its_labels_cover(run, make_store, tmp_path):
+    store = make_store(epochs=20, batch_size=10)  # 5 batches of 10 of the 50 images per epoch
+    cfg = StudentConfig(**STUDENT, prune_ratio=0.97, pool="first", draw="replacement", warmup_epochs=2, epochs=6)
+    result = train_student(run, store, cfg, tmp_path / "first", device="cpu", progress=False)
+    assert result["kept_batches"] == 3 and result["used_batches"] <= 3
+    covered = {int(i) for k in [(0, 0), (0, 1), (0, 2)][:result["used_batches"]] for i in LabelStore(store).read(*k).index}
+    assert result["images_never_labelled"] == pytest.approx(1 - len(covered) / 50) and result["images_never_labelled"] >= 0.4
+    assert result["labels_per_image_min"] == 0
+    balanced = train_student(run, store, StudentConfig(**STUDENT, prune_ratio=0.9, pool="balanced", epochs=6),
+                             tmp_path / "balanced", device="cpu", progress=False)
+    assert balanced["images_never_labelled"] == 0 and balanced["labels_per_image_max"] == 2
+    with pytest.raises(ValueError, match="pool='first'"):
+        StudentConfig(pool="first", metric="entropy-high")

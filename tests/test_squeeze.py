@@ -118,3 +118,45 @@ def test_squeeze_onto_a_finished_run_is_refused_or_replaces_everything_made_from
                                                      "teacher_metrics.jsonl"]
     lines = [json.loads(line) for line in (run / "teacher_metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [0] and 0 <= lines[0]["train_top1"] <= 1 and lines[0]["loss"] > 0
+
+
+def official_running_rule(model, x, y, num_classes, sizes, momentum=0.1):
+    """The official class-aware BN update, one class at a time in float64: mean 0 and variance 1 at the start;
+    in every batch, each class present moves towards its images' (biased) statistics in that batch."""
+    inputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: inputs.append(i[0].double()))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    model.eval()
+    state = None
+    with torch.no_grad():
+        for xb, yb in batches(x, y, sizes):
+            inputs.clear()
+            model(xb)
+            if state is None:
+                state = [[torch.zeros(num_classes, a.shape[1], dtype=torch.float64),
+                          torch.ones(num_classes, a.shape[1], dtype=torch.float64)] for a in inputs]
+            for (mean, var), a in zip(state, inputs):
+                for c in range(num_classes):
+                    if (yb == c).any():
+                        part = a[yb == c]
+                        mean[c] = (1 - momentum) * mean[c] + momentum * part.mean([0, 2, 3])
+                        var[c] = (1 - momentum) * var[c] + momentum * part.var([0, 2, 3], unbiased=False)
+    for h in hooks:
+        h.remove()
+    return state
+
+
+def test_running_estimator_follows_the_official_update_rule():
+    torch.manual_seed(1)
+    model = build_model("convnet", 5, in_channels=3, image_size=12, width=8, depth=2).double()
+    x = torch.randn(90, 3, 12, 12, dtype=torch.float64) * 2 + 0.5
+    y = torch.randint(0, 4, (90,))  # class 4 never appears: it keeps the starting mean 0 and variance 1
+    sizes = [17, 40, 3, 30]
+    stats = bn_statistics(model, batches(x, y, sizes), [str(c) for c in range(5)], estimator="running", momentum=0.1)
+    ref = official_running_rule(model, x, y, 5, sizes)
+    for i, (mean, var) in enumerate(ref):
+        torch.testing.assert_close(stats.class_mean[i], mean, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(stats.class_var[i], var, rtol=1e-9, atol=1e-12)
+    assert torch.equal(stats.class_var[0][4], torch.ones_like(stats.class_var[0][4]))
+    exact = bn_statistics(model, batches(x, y, sizes), [str(c) for c in range(5)])
+    assert not torch.allclose(stats.class_mean[0][:4], exact.class_mean[0][:4], atol=1e-3)  # another estimate
