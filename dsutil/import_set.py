@@ -1,11 +1,14 @@
 """Import a distilled set made elsewhere (an ImageFolder of PNG/JPEG files) into a run, as if recovered there.
 
-The official LPLD and SRe2L code, and published sets, write one folder per class. Folders are matched to
-the run's classes by name (wnid or folder name), never by position, so a set in another class order lands
-right; a folder that matches no class, or a class without a folder, stops the import naming them.
+Published sets write one folder per class, matched to the run's classes by name (wnid or folder name), so a
+set in another class order lands right. The official LPLD and SRe2L recover code names them ``new<N>`` (N the
+class index in the run's sorted order, ``class<N>_id<K>.jpg`` inside), and those are matched by the number N,
+never by sorting the names. A folder that matches no class, or a class without a folder, stops the import
+naming them.
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -15,6 +18,39 @@ from .files import write_json
 from .image_store import READ_BATCH, ImageSet, write_image_set
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+OFFICIAL_FOLDER = re.compile(r"new(\d+)")  # the official recover code's class folders: new000, new001, ...
+
+
+def class_folders(folder: Path, classes: list[str]) -> list[Path]:
+    """The folder of each of the run's classes: by name, or by number in the official ``new<N>`` layout."""
+    from .data import DatasetError
+
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    official = [n for n in found if OFFICIAL_FOLDER.fullmatch(n) and n not in classes]
+    if official and len(official) < len(found):
+        raise DatasetError(f"{folder}: class folders mix the official new<N> layout ({official[:3]}) with named "
+                           f"folders ({[n for n in found if n not in official][:3]}); use one convention")
+    if official:
+        by_index = {int(OFFICIAL_FOLDER.fullmatch(n).group(1)): n for n in official}
+        if len(by_index) < len(official):
+            raise DatasetError(f"{folder}: two new<N> folders name the same class number")
+        outside = sorted(i for i in by_index if i >= len(classes))
+        missing = [i for i in range(len(classes)) if i not in by_index]
+        if outside or missing:
+            raise DatasetError(f"{folder}: new<N> folders must number the run's {len(classes)} classes 0.."
+                               f"{len(classes) - 1} (its sorted class order); "
+                               + (f"numbers outside that range: {outside[:10]}; " if outside else "")
+                               + (f"classes with no folder: {missing[:10]}" if missing else ""))
+        return [folder / by_index[i] for i in range(len(classes))]
+    unknown, missing = sorted(set(found) - set(classes)), [c for c in classes if c not in found]
+    if unknown or missing:
+        raise DatasetError(f"{folder}: class folders must match the run's {len(classes)} classes by name, or be the "
+                           "official new<N> folders; "
+                           + (f"folders matching no class: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; "
+                              if unknown else "")
+                           + (f"classes with no folder: {missing[:10]}{' ...' if len(missing) > 10 else ''}"
+                              if missing else ""))
+    return [folder / c for c in classes]
 
 
 def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
@@ -35,20 +71,12 @@ def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
         raise ValueError(f"name={name!r}: expected a folder name for RUN/recover/<name>")
     teacher, spec, _, info = load_squeezed(run_dir, dev)
     classes = info["dataset"]["classes"]
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    unknown, missing = sorted(set(found) - set(classes)), [c for c in classes if c not in found]
-    if unknown or missing:
-        raise DatasetError(f"{folder}: class folders must match the run's {len(classes)} classes by name; "
-                           + (f"folders matching no class: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}; "
-                              if unknown else "")
-                           + (f"classes with no folder: {missing[:10]}{' ...' if len(missing) > 10 else ''}"
-                              if missing else ""))
     mode, size = ("L" if spec["in_channels"] == 1 else "RGB"), spec["image_size"]
     files, labels = [], []
-    for c, cls in enumerate(classes):
-        found = sorted(p for p in (folder / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for c, class_dir in enumerate(class_folders(folder, classes)):
+        found = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
-            raise DatasetError(f"{folder / cls} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            raise DatasetError(f"{class_dir} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
         files += found
         labels += [c] * len(found)
 

@@ -224,3 +224,39 @@ def test_settings_of_a_recover_that_made_nothing_do_not_block_the_next(copy_sque
     assert recover(run, RecoverConfig(method="real", ipc=1), device="cpu", progress=False)["images"] == 10
     with pytest.raises(ValueError, match="other settings"):  # once images exist, other settings are refused
         recover(run, RecoverConfig(method="real", ipc=1, seed=5), device="cpu", progress=False)
+
+
+def test_import_of_the_official_layout_maps_new_n_to_class_n(copy_squeeze, tmp_path):
+    """A folder written as the official recover code writes it (new<N>/class<N>_id<K>.jpg, JPEG at quality 75)
+    imports with folder N as class N of the run's order; numbers out of range and mixed layouts are refused."""
+    import shutil
+
+    from PIL import Image
+
+    from dsutil.data import DatasetError
+    from dsutil.import_set import import_images
+
+    run = copy_squeeze(tmp_path / "run")
+    recover(run, RecoverConfig(method="real", ipc=2), device="cpu", progress=False)
+    want = ImageSet(recover_dir(run, "real", 2) / "images.safetensors")
+    official = tmp_path / "official"
+    for i, (x, c) in enumerate(zip(want.pixels(slice(None)), want.labels.tolist())):
+        folder = official / f"new{c:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[0].numpy()).save(folder / f"class{c:03d}_id{i % 2:03d}.jpg")  # PIL's default: quality 75
+    (official / "new007").rename(official / "new7")  # the number counts, not the padding or the name's sort order
+    got = ImageSet(import_images(run, official, "official", device="cpu") / "images.safetensors")
+    assert got.classes == want.classes and torch.equal(got.labels, want.labels)
+    diff = (got.pixels(slice(None)).float() - want.pixels(slice(None)).float()).abs()
+    assert 0 < diff.mean() < 8  # the same images, through JPEG
+
+    shutil.copytree(official / "new009", official / "new010")
+    with pytest.raises(DatasetError, match=r"numbers outside that range: \[10\]"):
+        import_images(run, official, "bad", device="cpu")
+    shutil.rmtree(official / "new010")
+    (official / "new3").mkdir()
+    with pytest.raises(DatasetError, match="same class number"):
+        import_images(run, official, "bad", device="cpu")
+    (official / "new3").rename(official / "3")
+    with pytest.raises(DatasetError, match="mix the official new<N> layout"):
+        import_images(run, official, "bad", device="cpu")
