@@ -21,6 +21,8 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
+    from .data import NORMALIZATIONS
+
     p.add_argument("--dataset", default="mnist5k", help="mnist5k, tiny-imagenet, imagefolder, cifar10, cifar100")
     p.add_argument("--data-root", default=None, help="folder of the dataset (not needed for mnist5k)")
     p.add_argument("--num-classes", type=int, default=None, help="keep only the first N classes")
@@ -28,13 +30,16 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size")
     p.add_argument("--eval-resize", type=int, default=None,
                    help="imagefolder: resize held-out images' shorter side to this, then crop --image-size (256)")
+    p.add_argument("--normalize", default=None, choices=list(NORMALIZATIONS),
+                   help="a named pixel mean/std in place of the dataset's own (the teacher's, when imported)")
 
 
 def _load_data(args):
     from .data import load_dataset
 
     return load_dataset(args.dataset, args.data_root, num_classes=args.num_classes, per_class=args.per_class,
-                        image_size=args.image_size, seed=args.data_seed, eval_resize=args.eval_resize)
+                        image_size=args.image_size, seed=args.data_seed, eval_resize=args.eval_resize,
+                        normalize=args.normalize)
 
 
 def cmd_squeeze(args) -> None:
@@ -86,6 +91,15 @@ def cmd_import(args) -> None:
 
     out = import_images(args.run, args.images, args.name, device=args.device)
     print(f"imported {args.images} -> {out} (relabel it with: dsutil relabel --run {args.run} --images {out})")
+
+
+def cmd_import_teacher(args) -> None:
+    from .import_set import import_teacher
+
+    spec = import_teacher(args.state_dict, args.out, args.arch, args.num_classes, args.image_size, args.in_channels,
+                          args.normalize)
+    print(f"teacher {spec['arch']} ({spec['num_classes']} classes, {spec['image_size']} px) -> {args.out}; "
+          f"use it with --teacher-checkpoint {args.out}" + (f" --normalize {args.normalize}" if args.normalize else ""))
 
 
 def cmd_labels_size(args) -> None:
@@ -312,6 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. "
                        "student.epochs=50 (repeatable)")
         p.set_defaults(func=cmd_run)
+
+    from .data import NORMALIZATIONS
+    from .models import ARCHS
+
+    p = sub.add_parser("import-teacher", formatter_class=DefaultsHelp,
+                       help="a torch state dict of a torchvision model (e.g. the official teachers) as a dsutil teacher")
+    p.add_argument("--state-dict", required=True, type=Path, help="a .pth file (a state dict, or a checkpoint "
+                   "holding one under 'model' or 'state_dict'); read with weights_only=True")
+    p.add_argument("--arch", required=True, choices=[a for a in ARCHS if a != "convnet"])
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--image-size", type=int, required=True, help="64 or less: the small-image stem (3x3, no max-pool)")
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--normalize", default=None, choices=list(NORMALIZATIONS),
+                   help="the pixel mean/std the teacher was trained with; runs using it must name the same")
+    p.add_argument("--out", required=True, type=Path, help="the teacher file to write (.safetensors)")
+    p.set_defaults(func=cmd_import_teacher)
 
     p = sub.add_parser("labels", formatter_class=DefaultsHelp, help="label storage tools")
     lsub = p.add_subparsers(dest="labels_command", required=True)

@@ -30,11 +30,14 @@ class DataConfig:
     image_size: int | None = None
     seed: int = 0
     eval_resize: int | None = None  # imagefolder: held-out images' shorter side before the image_size crop (256)
+    normalize: str | None = None  # a named mean/std (data.NORMALIZATIONS) in place of the dataset's own
 
     def __post_init__(self):
-        from .data import DATASETS
+        from .data import DATASETS, NORMALIZATIONS
 
         one_of("dataset", self.dataset, DATASETS)
+        require(self.normalize is None or self.normalize in NORMALIZATIONS, "normalize", self.normalize,
+                f"one of {', '.join(NORMALIZATIONS)} (or null: the dataset's own)")
         require(self.eval_resize is None or (self.dataset == "imagefolder" and self.image_size is not None
                                              and self.eval_resize >= self.image_size), "eval_resize",
                 self.eval_resize, "at least image_size, for an imagefolder with an image_size (or null)")
@@ -47,7 +50,8 @@ class DataConfig:
         from .data import load_dataset
 
         return load_dataset(self.dataset, self.root, num_classes=self.num_classes, per_class=self.per_class,
-                            image_size=self.image_size, seed=self.seed, eval_resize=self.eval_resize)
+                            image_size=self.image_size, seed=self.seed, eval_resize=self.eval_resize,
+                            normalize=self.normalize)
 
 
 @dataclass
@@ -55,7 +59,7 @@ class ExperimentConfig:
     name: str = "mnist5k"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    teacher_checkpoint: str | None = None  # a pretrained teacher (safetensors from dsutil) instead of training
+    teacher_checkpoint: str | None = None  # a pretrained teacher (safetensors from dsutil or `dsutil teacher`)
     methods: list[str] = field(default_factory=lambda: ["sre2l", "lpld", "real"])
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     method_overrides: dict[str, dict] = field(default_factory=dict)  # per-method recover settings

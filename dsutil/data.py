@@ -33,6 +33,9 @@ SHARED_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-im
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# named normalisations a run can use in place of its dataset's own (the official Tiny-ImageNet code uses its own)
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                  "tiny-imagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))}
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
@@ -116,9 +119,11 @@ def train_targets(ds: Dataset) -> torch.Tensor:
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, *, num_classes: int | None = None,
                  per_class: int | None = None, image_size: int | None = None, seed: int = 0,
-                 eval_resize: int | None = None) -> ImageData:
+                 eval_resize: int | None = None, normalize: str | None = None) -> ImageData:
     """Load a dataset by name; ``root`` is the user's folder where one is needed.
 
+    ``normalize`` names the pixel mean and std of :data:`NORMALIZATIONS` in place of the dataset's own (a
+    teacher trained elsewhere must see its own normalisation).
     ``num_classes`` keeps the first classes of the class order, ``per_class``
     the first training images of each kept class, ``image_size`` resizes.
     ``eval_resize`` (image folders) resizes the shorter side of held-out images to it before the centre crop
@@ -144,9 +149,16 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, num_classe
         data = subset(data, num_classes=num_classes, per_class=per_class)
     if image_size and name not in ("imagefolder",):
         data = resized(data, image_size)
+    if normalize is not None:
+        if normalize not in NORMALIZATIONS:
+            raise DatasetError(f"normalize={normalize!r}: expected one of {', '.join(NORMALIZATIONS)} (or none)")
+        if len(NORMALIZATIONS[normalize][0]) != data.shape[0]:
+            raise DatasetError(f"normalize={normalize!r} is for 3-channel images; {name} has {data.shape[0]}")
+        data.mean, data.std = NORMALIZATIONS[normalize]
     data.source = {"name": name, "root": str(root) if root else None, "num_classes": num_classes,
                    "per_class": per_class, "image_size": image_size, "seed": seed} | \
-        ({"eval_resize": eval_resize} if eval_resize else {})  # written with every result that used it
+        ({"eval_resize": eval_resize} if eval_resize else {}) | \
+        ({"normalize": normalize} if normalize else {})  # written with every result that used it
     return data
 
 
@@ -156,7 +168,7 @@ def load_from_source(source: dict) -> ImageData:
         raise DatasetError("this run records no dataset source; re-run `dsutil squeeze`")
     return load_dataset(source["name"], source["root"], num_classes=source["num_classes"],
                         per_class=source["per_class"], image_size=source["image_size"], seed=source["seed"],
-                        eval_resize=source.get("eval_resize"))
+                        eval_resize=source.get("eval_resize"), normalize=source.get("normalize"))
 
 
 def mnist5k(seed: int = 0, test_per_class: int = 100) -> ImageData:

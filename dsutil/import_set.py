@@ -1,4 +1,5 @@
-"""Import a distilled set made elsewhere (an ImageFolder of PNG/JPEG files) into a run, as if recovered there.
+"""Import what was made elsewhere: a distilled set (an ImageFolder of PNG/JPEG files) into a run, as if
+recovered there, and a teacher given as a torch state dict (the official teachers) as a dsutil teacher file.
 
 Published sets write one folder per class, matched to the run's classes by name (wnid or folder name), so a
 set in another class order lands right. The official LPLD and SRe2L recover code names them ``new<N>`` (N the
@@ -106,3 +107,46 @@ def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
                                       "teacher_top1_on_images": float(correct.float().mean()),
                                       "finished": time.time()})
     return out
+
+
+def import_teacher(state_dict_path, out, arch: str, num_classes: int, image_size: int, in_channels: int = 3,
+                   normalize: str | None = None) -> dict:
+    """Write the torchvision ``arch`` with the weights of ``state_dict_path`` as a dsutil teacher (safetensors).
+
+    The file is read with ``weights_only=True`` (argparse Namespaces, which torchvision's reference scripts save
+    beside the weights, are allowed as plain data); a ``model`` or ``state_dict`` entry is taken when present,
+    and DistributedDataParallel's ``module.`` prefix dropped. Every key must fit the architecture built for
+    ``num_classes`` and ``image_size`` (64 px or less: the 3x3 stem without max-pool of the official
+    Tiny-ImageNet ResNets). ``normalize`` records the mean/std the teacher expects; squeeze refuses data
+    normalised otherwise.
+    """
+    import argparse
+
+    from .data import NORMALIZATIONS
+    from .files import save_tensors
+    from .models import build_model
+
+    path = Path(state_dict_path)
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r}: expected one of {', '.join(NORMALIZATIONS)}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # anything but tensors and plain containers is refused, never run
+        raise ValueError(f"{path} is not a torch state dict that loads with weights_only=True ({e})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors (nor one under 'model' or 'state_dict')")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    spec = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
+            "width": 64, "depth": 3}
+    model = build_model(**spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit a {arch} for {num_classes} classes at {image_size} px: "
+                         f"{str(e).splitlines()[0]} {str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else ''}") from None
+    save_tensors(out, model.state_dict(), {"model": spec, "normalize": normalize, "source": str(path.resolve())})
+    return spec

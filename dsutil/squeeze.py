@@ -303,6 +303,11 @@ def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), devi
         model, spec = load_model(teacher_checkpoint, dev)
         if spec["num_classes"] != data.num_classes:
             raise ValueError(f"{teacher_checkpoint} has {spec['num_classes']} classes, the data {data.num_classes}")
+        wants = load_tensors(teacher_checkpoint)[1].get("normalize")  # set by `dsutil import-teacher`
+        if wants is not None and data.source.get("normalize") != wants:
+            raise ValueError(f"{teacher_checkpoint} was trained on images normalised as {wants!r}, the data is "
+                             f"normalised as {data.source.get('normalize') or 'its own default'}; set "
+                             f"data.normalize: {wants} (--normalize {wants})")
         cfg = TeacherConfig(**{**asdict(cfg), "arch": spec["arch"], "epochs": 0})
     elif is_main():  # one rank trains the teacher; the others wait for it
         model = train_teacher(data, cfg, dev, progress, out_dir / "teacher_metrics.jsonl", workers)

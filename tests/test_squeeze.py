@@ -160,3 +160,68 @@ def test_running_estimator_follows_the_official_update_rule():
     assert torch.equal(stats.class_var[0][4], torch.ones_like(stats.class_var[0][4]))
     exact = bn_statistics(model, batches(x, y, sizes), [str(c) for c in range(5)])
     assert not torch.allclose(stats.class_mean[0][:4], exact.class_mean[0][:4], atol=1e-3)  # another estimate
+
+
+def test_an_official_style_state_dict_becomes_a_teacher_of_a_run(mnist, tmp_path):
+    """A torchvision ResNet-18 with the official Tiny-ImageNet stem (3x3 conv, no max-pool), saved by torch.save
+    the way torchvision's reference scripts save it (weights under 'model', DDP's 'module.' prefix, the
+    arguments as a Namespace), imports with weights_only=True and teaches a run as the same network."""
+    import argparse
+
+    import torchvision
+
+    from dsutil.cli import main
+    from dsutil.data import load_dataset
+
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    torch.manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+    pth = tmp_path / "resnet18_tiny.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in net.state_dict().items()}, "epoch": 49,
+                "args": argparse.Namespace(lr=0.2, model="resnet18")}, pth)
+    teacher = tmp_path / "teacher.safetensors"
+    assert main(["import-teacher", "--state-dict", str(pth), "--arch", "resnet18", "--num-classes", "10",
+                 "--image-size", "32", "--normalize", "imagenet", "--out", str(teacher)]) == 0
+    model, spec = load_model(teacher)
+    x = torch.randn(4, 3, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), net(x))
+    assert spec["arch"] == "resnet18" and isinstance(model.maxpool, nn.Identity)
+
+    with pytest.raises(ValueError, match="normalize"):  # grey digits have no ImageNet normalisation
+        load_dataset("mnist5k", normalize="imagenet")
+    grey = tmp_path / "grey.pth"  # a teacher that says how it was normalised is refused data normalised otherwise
+    net.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    torch.save(net.state_dict(), grey)
+    from dsutil.import_set import import_teacher
+
+    import_teacher(grey, tmp_path / "grey.safetensors", "resnet18", 10, 28, in_channels=1, normalize="tiny-imagenet")
+    with pytest.raises(ValueError, match="normalised as 'tiny-imagenet'.*data.normalize: tiny-imagenet"):
+        squeeze(load_dataset("mnist5k", per_class=2), tmp_path / "run", TeacherConfig(), device="cpu",
+                progress=False, teacher_checkpoint=tmp_path / "grey.safetensors")
+    assert main(["import-teacher", "--state-dict", str(pth), "--arch", "resnet18", "--num-classes", "200",
+                 "--image-size", "32", "--out", str(tmp_path / "bad.safetensors")]) == 2
+    torch.save({"model": net.state_dict(), "hook": print}, tmp_path / "code.pth")  # a function is never loaded
+    assert main(["import-teacher", "--state-dict", str(tmp_path / "code.pth"), "--arch", "resnet18",
+                 "--num-classes", "10", "--image-size", "32", "--out", str(tmp_path / "code.safetensors")]) == 2
+    assert not (tmp_path / "code.safetensors").exists()
+
+
+@pytest.mark.parametrize("estimator", ["exact", "running"])
+def test_augmented_views_give_other_targets_the_same_on_every_rerun(mnist, mnist_run, tmp_path, estimator):
+    teacher = mnist_run / "teacher.safetensors"
+    cfg = TeacherConfig(bn_views="augmented", bn_estimator=estimator)
+    for name in ("a", "b"):
+        squeeze(mnist, tmp_path / name, cfg, device="cpu", progress=False, teacher_checkpoint=teacher)
+    a, b = ((tmp_path / n / "bn_stats.safetensors").read_bytes() for n in ("a", "b"))
+    assert a == b  # seeded views (and order): the same bytes
+    plain, aug = BNStats.load(mnist_run / "bn_stats.safetensors"), BNStats.load(tmp_path / "a" / "bn_stats.safetensors")
+    assert torch.equal(aug.class_count, plain.class_count)
+    gap = (aug.class_mean[0] - plain.class_mean[0]).abs().max()
+    assert gap > 1e-3  # crops of 8-100% of the area, resized: other statistics than the plain digits
+    assert read_json(tmp_path / "a" / "squeeze.json")["settings"]["bn_views"] == "augmented"
