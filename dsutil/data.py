@@ -319,7 +319,7 @@ def tiny_imagenet(root: str | os.PathLike | None = None, num_classes: int | None
     """Tiny-ImageNet-200 in the official layout; classes in sorted wnid order.
 
     ``num_classes=None`` keeps every class that has a train folder, which must be
-    the first classes of the sorted order (the shared zips hold the first 50).
+    the first classes of the sorted order (the shared zips hold all 200).
     """
     root = tiny_imagenet_root(root)
     wnids_file = root / "wnids.txt"

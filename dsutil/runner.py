@@ -38,7 +38,7 @@ ADDED_LATER = {"topk": None, "topk_fill": "min", "temperature_schedule": "consta
                "pixels": "float32",  # not today's default: sets were float32 before uint8 image stores
                "prune_pool": "uniform", "pool": "uniform", "draw": "cycle", "warmup_epochs": 0, "decay_1d": True,
                "bn_views": "plain", "bn_estimator": "exact", "bn_momentum": 0.1, "bn_batch_size": 256,
-               "jitter_range": "symmetric", "image_format": "lossless", "normalize": None}
+               "jitter_range": "symmetric", "image_format": "lossless", "normalize": None, "augment": "shift", "lr_warmup_epochs": None}
 
 
 def settings_hash(settings: dict, upstream: list[str]) -> str:

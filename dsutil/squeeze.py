@@ -41,7 +41,9 @@ class TeacherConfig:
     optimizer: str = "sgd"  # or adamw
     lr: float = 0.05
     weight_decay: float = 5e-4
-    shift: int = 2  # translation augmentation, pixels
+    shift: int = 2  # translation augmentation, pixels (augment: shift)
+    augment: str = "shift"  # shift (+ flip), or rrc: RandomResizedCrop 0.08-1 + flip, as the official teachers
+    lr_warmup_epochs: int | None = None  # None: one-cycle (15% warm-up, cosine); N: linear warm-up N epochs, cosine
     seed: int = 0
     pretrained: bool = False
     bn_views: str = "plain"  # what the BN statistics are measured on: plain or augmented (official) views
@@ -54,6 +56,9 @@ class TeacherConfig:
 
         one_of("arch", self.arch, ARCHS)
         one_of("bn_views", self.bn_views, BN_VIEWS)
+        one_of("augment", self.augment, ("shift", "rrc"))
+        require(self.lr_warmup_epochs is None or 0 <= self.lr_warmup_epochs < max(1, self.epochs), "lr_warmup_epochs",
+                self.lr_warmup_epochs, "fewer than the epochs (or null: the one-cycle schedule)")
         one_of("bn_estimator", self.bn_estimator, BN_ESTIMATORS)
         require(0 < self.bn_momentum <= 1, "bn_momentum", self.bn_momentum, "a fraction in (0, 1]")
         positive("bn_batch_size", self.bn_batch_size)
@@ -230,15 +235,26 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                                          drop_last=len(data.train) > cfg.batch_size,
                                          **loader_options(data.train, workers, device, cfg.epochs))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * len(loader),
-                                                pct_start=0.15, anneal_strategy="cos")
+    if cfg.lr_warmup_epochs is None:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * len(loader),
+                                                    pct_start=0.15, anneal_strategy="cos")
+    else:
+        from .train import lr_schedule
+
+        sched = lr_schedule(opt, cfg.epochs * len(loader), cfg.lr_warmup_epochs * len(loader))
     model.train()
     bar = tqdm(range(cfg.epochs), desc="teacher", disable=not progress)
     history, start = [], time.time()
     for epoch in bar:
         total = torch.zeros(3, device=device)  # loss sum, correct, images
         for x, y in loader:
-            x, y = random_shift_flip(x.float() / 255, cfg.shift, data.flip, gen).to(device), y.to(device)
+            x = x.float() / 255
+            if cfg.augment == "shift":
+                x = random_shift_flip(x, cfg.shift, data.flip, gen)
+            else:
+                flips = torch.rand(len(x), generator=gen) < 0.5 if data.flip else torch.zeros(len(x), dtype=torch.bool)
+                x = crop_flip(x, rrc_boxes(len(x), *x.shape[-2:], (0.08, 1.0), generator=gen), flips)
+            x, y = x.to(device), y.to(device)
             logits = model(data.normalize(x))
             loss = nn.functional.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)

@@ -128,10 +128,13 @@ def test_tiny_cache_and_per_class(tiny, tiny_root):
     assert torch.equal(few.test.images, tiny.test.images)
 
 
-def test_tiny_needs_train_folders(tiny_root):
-    missing = next(w for w in sorted_wnids(tiny_root) if not (tiny_root / "train" / w).is_dir())
-    with pytest.raises(DatasetError, match=f"{missing}.*does not exist"):
-        tiny_imagenet(num_classes=200)
+def test_tiny_needs_train_folders(tiny_root, tmp_path):
+    """The shared copy holds all 200 classes; a folder that lacks one a run needs is refused, naming it."""
+    wnids = sorted_wnids(tiny_root)
+    assert len(wnids) == 200 and all((tiny_root / "train" / w / "images").is_dir() for w in wnids)
+    root = tiny_tree(tmp_path, ["a", "b", "c"], ["a", "c"])
+    with pytest.raises(DatasetError, match="train/b does not exist but num_classes=3 needs it"):
+        tiny_imagenet(root, num_classes=3)
 
 
 # --- small folders written here ----------------------------------------------------------------
