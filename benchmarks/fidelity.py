@@ -9,6 +9,8 @@ Three parts (issue 20's must-show), all on the preset's teacher, one recover see
 * ``pools``: the three random pruning pools (uniform, the official first 1 - r drawn with replacement, and the
   coverage-balanced one) at r = 0.9, 0.975 and 0.99 for LPLD and SRe2L: top-1 and the images never labelled.
 * ``topk``: LPLD's top-2 and top-5 labels at r = 0.975 with the zero (MR-k), min (MRS-k) and mass fills.
+* ``images``: LPLD's images kept as the official JPEG-75 round trip against lossless pixels (r = 0, 0.975).
+* ``student``: the official student's 5-epoch warm-up and no weight decay on 1-D parameters (LPLD, r = 0.975).
 
 Every stage is cached in the run folders (runs/<preset> and runs/<preset>-bn-*), so a rerun only reads them;
 results go to benchmarks/fidelity.json after each part.
@@ -134,11 +136,27 @@ def part_topk(cfg, base: Path, stages: Stages, seeds, results: dict, save) -> No
             save()
 
 
+def part_images(cfg, base: Path, stages: Stages, seeds, results: dict, save) -> None:
+    """LPLD recovered again with the official JPEG-75 round trip, under another method name (its own folder)."""
+    base = wait_for(base)
+    run = squeezed_variant(cfg, base, "plain", "exact", stages)  # the base teacher and targets, a folder of its own
+    results["lpld jpeg75"] = method_point(cfg, run, "lpld", {"image_format": "jpeg75"}, stages, seeds)
+    save()
+
+
+def part_student(cfg, base: Path, stages: Stages, seeds, results: dict, save) -> None:
+    base = wait_for(base)
+    for name, changes in (("warm-up 5", {"warmup_epochs": 5}), ("no decay on 1-D", {"decay_1d": False})):
+        results[name] = students(cfg, base, "lpld", cfg.recover_config("lpld").ipc, [0.975], stages, seeds, **changes)
+        save()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny-imagenet-10")
     parser.add_argument("--run", type=Path, default=None, help="the preset's run folder (default runs/<preset>)")
-    parser.add_argument("--parts", nargs="+", default=["targets", "pools", "topk"], choices=["targets", "pools", "topk"])
+    parser.add_argument("--parts", nargs="+", default=["targets", "pools", "topk", "images", "student"],
+                        choices=["targets", "pools", "topk", "images", "student"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "fidelity.json")
     args = parser.parse_args()
     cfg = load_config(args.preset)
@@ -148,7 +166,8 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     stages = Stages()
     parts = {"targets": (part_targets, cfg.student_seeds()), "pools": (part_pools, cfg.student_seeds()),
-             "topk": (part_topk, [0, 1])}
+             "topk": (part_topk, [0, 1]), "images": (part_images, cfg.student_seeds()),
+             "student": (part_student, cfg.student_seeds())}
     results["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
                           "processor": platform.processor() or platform.machine()}
 

@@ -58,7 +58,7 @@ def run_frontier(cfg, out, progress: bool = True) -> dict:
         ipc = cfg.recover_config(method).ipc
         full = None
         for r, k, policy in fcfg.settings():
-            rcfg = replace(cfg.relabel, topk=k, topk_fill=fcfg.topk_fill if k else "min")
+            rcfg = replace(cfg.relabel, topk=k, topk_fill=fcfg.topk_fill)
             store = ensure_labels(out, method, ipc, rcfg, cfg.device, progress, stages)
             scfg = build(type(cfg.student), asdict(cfg.student) | fcfg.policies[policy] | {"prune_ratio": r},
                          f"frontier policy {policy!r}")

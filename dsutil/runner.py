@@ -220,10 +220,18 @@ def ensure_recover(run_dir, rcfg, device: str = "auto", progress: bool = True, s
 
 
 def student_name(method: str, ipc: int, scfg) -> str:
-    """Folder name of a student under ``students/``."""
+    """Folder name of a student under ``students/``: its pruning, seed, and a short hash of every other setting
+    that differs from the defaults, so that students of other settings never share a folder."""
+    from .train import StudentConfig
+
     suffix = ("" if scfg.granularity == "batch" else f"-{scfg.granularity}") + \
         ("" if scfg.pool == "uniform" else f"-{scfg.pool}") + ("" if scfg.draw == "cycle" else f"-{scfg.draw}") + \
         (f"-s{scfg.seed}" if scfg.seed else "")
+    named = ("metric", "prune_ratio", "granularity", "pool", "draw", "seed", "scores_from")
+    default = asdict(StudentConfig())
+    others = {k: v for k, v in asdict(scfg).items() if k not in named and v != default[k]}
+    if others:
+        suffix += "-" + hashlib.sha256(json.dumps(others, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{method}-ipc{ipc}-{scfg.metric}-r{scfg.prune_ratio:g}{suffix}"
 
 
