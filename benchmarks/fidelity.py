@@ -151,6 +151,54 @@ def part_student(cfg, base: Path, stages: Stages, seeds, results: dict, save) ->
         save()
 
 
+def cell(point: dict) -> str:
+    std = point.get("test_top1_std")
+    return f"{point['test_top1'] * 100:.1f}" + ("" if std is None else f" ± {std * 100:.1f}")
+
+
+def report(results: dict) -> str:
+    """The markdown tables of docs/fidelity.md, from the results file."""
+    lines = []
+    t = results.get("targets", {})
+    if t:
+        lines += ["| BN targets | method | within-class cosine | top-1 r = 0 | top-1 r = 0.975 |", "| --- | --- | --- | --- | --- |"]
+        for key, point in t.items():
+            if key == "seeds":
+                continue
+            method, _, targets = key.partition(" ")
+            st = point["students"]
+            lines.append(f"| {targets or 'BN running buffers'} | {method} | {point['within_class_cosine']:.3f} | "
+                         f"{cell(st['0.0'])} | {cell(st['0.975'])} |")
+        lines.append("")
+    pools = results.get("pools", {})
+    if pools:
+        lines += ["| method | pool | r = 0.9 | r = 0.975 | r = 0.99 |", "| --- | --- | --- | --- | --- |"]
+        for key, point in pools.items():
+            if key == "seeds":
+                continue
+            method, pool = key.split()
+            cells = [f"{cell(point[r])} ({point[r]['kept_pool_coverage']['images_never_labelled'] * 100:.0f}%)"
+                     if r in point else "" for r in ("0.9", "0.975", "0.99")]
+            lines.append(f"| {method} | {pool} | " + " | ".join(cells) + " |")
+        lines.append("")
+    topk = results.get("topk", {})
+    if topk:
+        lines += ["| label | fill | top-1 r = 0.975 |", "| --- | --- | --- |"]
+        for key, point in topk.items():
+            if key != "seeds":
+                k, fill = key.split()
+                lines.append(f"| {k} | {fill} | {cell(point)} |")
+        lines.append("")
+    for name in ("images", "student"):
+        for key, point in results.get(name, {}).items():
+            if key == "seeds":
+                continue
+            st = point.get("students", point)
+            cos = f"cosine {point['within_class_cosine']:.3f}; " if "within_class_cosine" in point else ""
+            lines.append(f"- {key}: {cos}" + "; ".join(f"r = {r}: {cell(v)}" for r, v in st.items()))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny-imagenet-10")
@@ -158,7 +206,11 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["targets", "pools", "topk", "images", "student"],
                         choices=["targets", "pools", "topk", "images", "student"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "fidelity.json")
+    parser.add_argument("--report", action="store_true", help="print the markdown tables of the results file")
     args = parser.parse_args()
+    if args.report:
+        print(report(json.loads(args.out.read_text())))
+        return
     cfg = load_config(args.preset)
     base = args.run or ROOT / "runs" / cfg.name
     if not (base / "squeeze.stage.json").exists():
