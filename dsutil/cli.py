@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--shift", type=int, default=d.shift, help="largest random translation, pixels")
+    p.add_argument("--augment", default=d.augment, choices=["shift", "rrc"],
+                   help="teacher training views: shift + flip, or RandomResizedCrop + flip (the official teachers)")
+    p.add_argument("--lr-warmup-epochs", type=int, default=d.lr_warmup_epochs,
+                   help="linear warm-up epochs, then cosine (default: the one-cycle schedule)")
     p.add_argument("--pretrained", action="store_true", help="start from cached torchvision weights")
     p.add_argument("--bn-views", default=d.bn_views, choices=BN_VIEWS,
                    help="BN statistics of plain training images or of augmented views (official)")
