@@ -58,7 +58,7 @@ BAD_SETTINGS = [  # (--set key=value, the words the error must show)
     ("student.pool=last", "pool='last'"),
     ("student.draw=sometimes", "draw='sometimes'"),
     ("student.warmup_epochs=-1", "warmup_epochs=-1"),
-    ("student.decay_1d=no", "decay_1d='no'"),
+    ("student.decay_1d=often", "decay_1d='often'"),
     ("relabel.prune_pool=first-ish", "prune_pool='first-ish'"),
     ("relabel.topk_temperature=0", "topk_temperature=0.0"),
     ("teacher.bn_views=rotated", "bn_views='rotated'"),
