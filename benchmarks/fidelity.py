@@ -81,7 +81,8 @@ def wait_for(base: Path) -> Path:
 
 def part_targets(cfg, base: Path, stages: Stages, seeds, results: dict, save) -> None:
     todo = [(views, estimator, method) for method in ("lpld", "sre2l") for views, estimator in TARGETS]
-    for views, estimator, method in todo:  # the preset's own LPLD (plain views, exact sums) is read from the base run
+    todo.sort(key=lambda t: t == ("plain", "exact", "lpld"))  # last: the preset's own LPLD, read from the base run
+    for views, estimator, method in todo:
         overrides = {"global_targets": "measured"} if method == "sre2l" else {}
         if (views, estimator, method) == ("plain", "exact", "lpld"):
             run = wait_for(base)
