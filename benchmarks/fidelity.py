@@ -141,7 +141,7 @@ def part_images(cfg, base: Path, stages: Stages, seeds, results: dict, save) -> 
     """LPLD recovered again with the official JPEG-75 round trip, under another method name (its own folder)."""
     base = wait_for(base)
     run = squeezed_variant(cfg, base, "plain", "exact", stages)  # the base teacher and targets, a folder of its own
-    results["lpld jpeg75"] = method_point(cfg, run, "lpld", {"image_format": "jpeg75"}, stages, seeds)
+    results["lpld jpeg75"] = method_point(cfg, run, "lpld", {"image_format": "jpeg75", "pixels": "uint8"}, stages, seeds)
     save()
 
 
