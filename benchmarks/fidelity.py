@@ -200,12 +200,34 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+PAPER_SETTINGS = {"Tiny-ImageNet IPC 50": (200 * 50, 64, 100), "ImageNet-1K IPC 10": (1000 * 10, 128, 300)}
+
+
+def part_coverage(cfg, base: Path, stages: Stages, seeds, results: dict, save) -> None:
+    """The share of images no kept label batch covers, at the paper's sizes: epochs of shuffled batches as
+    relabel draws them, each pool at each ratio (no teacher needed: only which images each batch holds)."""
+    from dsutil.labels import pool_order
+
+    for name, (n, batch, epochs) in PAPER_SETTINGS.items():
+        gen = torch.Generator().manual_seed(0)
+        batches = [part for _ in range(epochs) for part in torch.randperm(n, generator=gen).split(batch)]
+        per_epoch = len(batches) // epochs
+        units = [[(i // per_epoch, i % per_epoch)] for i in range(len(batches))]
+        for pool in ("uniform", "first", "balanced"):
+            order = pool_order(units, pool, torch.Generator().manual_seed(1))
+            for r in (0.9, 0.975, 0.99):
+                keep = order[:max(1, round(len(units) * (1 - r)))]
+                counts = torch.bincount(torch.cat([batches[i] for i in keep]), minlength=n)
+                results[f"{name} {pool} {r}"] = float((counts == 0).double().mean())
+    save()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny-imagenet-10")
     parser.add_argument("--run", type=Path, default=None, help="the preset's run folder (default runs/<preset>)")
     parser.add_argument("--parts", nargs="+", default=["targets", "pools", "topk", "images", "student"],
-                        choices=["targets", "pools", "topk", "images", "student"])
+                        choices=["targets", "pools", "topk", "images", "student", "coverage"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "fidelity.json")
     parser.add_argument("--report", action="store_true", help="print the markdown tables of the results file")
     args = parser.parse_args()
@@ -220,7 +242,7 @@ def main() -> None:
     stages = Stages()
     parts = {"targets": (part_targets, cfg.student_seeds()), "pools": (part_pools, cfg.student_seeds()),
              "topk": (part_topk, [0, 1]), "images": (part_images, cfg.student_seeds()),
-             "student": (part_student, cfg.student_seeds())}
+             "student": (part_student, cfg.student_seeds()), "coverage": (part_coverage, [])}
     results["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
                           "processor": platform.processor() or platform.machine()}
 
