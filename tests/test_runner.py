@@ -51,7 +51,14 @@ def test_rerun_reuses_every_stage_and_student_epochs_rerun_only_students(quick_d
     assert all(name.startswith("student") for name in changed["stages"]["ran"])
     assert len(changed["stages"]["ran"]) == 3 * 4
     assert not any(name.startswith("student") for name in changed["stages"]["reused"])
-    assert json.loads((out / "students" / "lpld-ipc10-random-r0" / "train.json").read_text())["epochs"] == 5
+    from dataclasses import replace
+
+    from dsutil.runner import student_name
+
+    name = student_name("lpld", 10, replace(cfg.student, prune_ratio=0.0))
+    assert name.startswith("lpld-ipc10-random-r0-")  # other settings: a folder of their own, the old one kept
+    assert json.loads((out / "students" / name / "train.json").read_text())["epochs"] == 5
+    assert (out / "students" / "lpld-ipc10-random-r0" / "train.json").exists()
 
 
 def test_config_errors_name_the_problem(tmp_path):
