@@ -127,11 +127,14 @@ def test_settings_added_later_change_the_hash_only_when_set():
     from dsutil.recover import RecoverConfig
     from dsutil.relabel import RelabelConfig
     from dsutil.runner import ADDED_LATER, settings_hash
+    from dsutil.squeeze import TeacherConfig
     from dsutil.train import StudentConfig
 
-    defaults = asdict(StudentConfig()) | asdict(RelabelConfig()) | asdict(RecoverConfig()) | asdict(DataConfig())
+    defaults = asdict(StudentConfig()) | asdict(RelabelConfig()) | asdict(RecoverConfig()) | asdict(DataConfig()) \
+        | asdict(TeacherConfig())
     # the behaviour the runs were made with: today's defaults, except that sets were float32 before uint8 stores
-    assert {k: defaults[k] for k in ADDED_LATER} | {"pixels": "float32"} == ADDED_LATER
+    # and top-k stores filled with the minimum before MR-k (zero) became the default
+    assert {k: defaults[k] for k in ADDED_LATER} | {"pixels": "float32", "topk_fill": "min"} == ADDED_LATER
     recover_before = {k: v for k, v in asdict(RecoverConfig()).items() if k != "pixels"}
     assert settings_hash(asdict(RecoverConfig(pixels="float32")), []) == settings_hash(recover_before, [])
     assert settings_hash(asdict(RecoverConfig()), []) != settings_hash(recover_before, [])  # uint8: recovered anew
