@@ -11,8 +11,22 @@ def within_class_cosine(features: torch.Tensor, labels: torch.Tensor) -> float:
     High values mean the images of a class look alike to the teacher.
     Classes with fewer than two images are skipped.
     """
-    per_class = pairwise_cosines(features, labels)
-    means = [s.mean() for s in per_class.values() if len(s)]
+    return streamed_within_class_cosine([(features, labels)])
+
+
+def streamed_within_class_cosine(batches) -> float:
+    """:func:`within_class_cosine` over ``(features, labels)`` batches, in memory of one batch and one sum per
+    class: with unit vectors z, the distinct pairs of a class of n images sum to (|sum z|^2 - n) / 2, so the mean
+    pair cosine is (|sum z|^2 - n) / (n (n - 1)), exact in float64 whatever the number of images."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    for features, labels in batches:
+        z, labels = F.normalize(features.double(), dim=1), torch.as_tensor(labels)
+        for c in labels.unique().tolist():
+            mine = labels == c
+            sums[c] = sums.get(c, 0) + z[mine].sum(0)
+            counts[c] = counts.get(c, 0) + int(mine.sum())
+    means = [((sums[c] @ sums[c]) - n) / (n * (n - 1)) for c, n in counts.items() if n >= 2]
     if not means:
         raise ValueError("no class has two or more images")
     return float(torch.stack(means).mean())

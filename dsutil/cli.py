@@ -125,7 +125,10 @@ def _parse_sets(items: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. student.epochs=50")
         key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({e})") from None
     return out
 
 
@@ -362,21 +365,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_message(e: BaseException) -> str:
+    """An error's own message; raised in a DataLoader worker, torch wraps it in the worker's traceback, and the
+    message is the last ``Type: ...`` of that traceback."""
+    import re
+
+    text = str(e)
+    if "Original Traceback (most recent call last):" not in text:
+        return text
+    tb = text.split("Original Traceback (most recent call last):", 1)[1]
+    last = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(type(e).__name__)}: ", tb, re.M))
+    return tb[last[-1].end():].strip() if last else text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; under torchrun every rank runs it, and only rank 0 prints."""
     from .files import check_tensorboard
     from .runtime import fix_mmap_threshold, is_main, start_ranks, stop_ranks
 
     args = build_parser().parse_args(argv)
-    start_ranks()
-    if not is_main():
-        sys.stdout = open(os.devnull, "w")
     try:
+        start_ranks()
+        if not is_main():
+            sys.stdout = open(os.devnull, "w")
         fix_mmap_threshold()
         check_tensorboard()
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"dsutil {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input, settings or files; anything else keeps its traceback
+        print(f"dsutil {args.command}: error: {user_message(e)}", file=sys.stderr)
         return 2
     finally:
         stop_ranks()

@@ -70,6 +70,7 @@ class ExperimentConfig:
     seeds: list[int] | None = None  # student seeds: each student is trained once per seed (None: student.seed)
     device: str = "auto"
     frontier: FrontierConfig | None = None  # `dsutil frontier`: label budgets beyond pruning (dsutil.frontier)
+    cosine_per_class: int | None = None  # real images' within-class cosine on a seeded sample per class (None: all)
 
     def recover_config(self, method: str) -> RecoverConfig:
         base = asdict(self.recover) | self.method_overrides.get(method, {}) | {"method": method}
@@ -91,6 +92,8 @@ class ExperimentConfig:
         for method in self.frontier.methods if self.frontier else []:
             require(method in self.methods and method != REAL, "frontier.methods", method,
                     f"distilled methods of the preset ({', '.join(m for m in self.methods if m != REAL)})")
+        require(self.cosine_per_class is None or self.cosine_per_class >= 2, "cosine_per_class",
+                self.cosine_per_class, "2 or more images per class (or null: all of them)")
         require(self.teacher.epochs > 0 or self.teacher.pretrained or self.teacher_checkpoint is not None,
                 "teacher.epochs", self.teacher.epochs, "1 or more, unless teacher.pretrained or teacher_checkpoint")
 
@@ -110,7 +113,7 @@ def from_dict(d: dict, where: str = "config") -> ExperimentConfig:
     sections = {"data": DataConfig, "teacher": TeacherConfig, "recover": RecoverConfig,
                 "relabel": RelabelConfig, "student": StudentConfig, "frontier": FrontierConfig}
     for key, cls in sections.items():
-        if d.get(key) is not None:
+        if key in d and (d[key] is not None or key != "frontier"):  # an empty section: its defaults
             d[key] = build(cls, d[key], f"{where}: {key}")
     return build(ExperimentConfig, d, where)
 
@@ -121,23 +124,61 @@ def load_config(path_or_name: str | Path, overrides: dict | None = None, quick: 
     ``overrides`` maps dotted keys (``student.epochs``) to values; ``quick`` applies
     the preset's own ``quick:`` section, a smaller smoke-test version of it.
     """
+    names = ", ".join(p.stem for p in sorted(PRESETS.glob("*.yaml")))
+    if not str(path_or_name).strip():
+        raise FileNotFoundError(f"config name is empty; give a YAML path or a preset: {names}")
     path = Path(path_or_name)
-    if not path.exists():
+    if not path.is_file():  # a folder of the same name is not a config: the packaged preset is
         path = PRESETS / f"{path_or_name}.yaml"
-    if not path.exists():
-        names = ", ".join(p.stem for p in sorted(PRESETS.glob("*.yaml")))
+    if not path.is_file():
         raise FileNotFoundError(f"config {path_or_name!r} not found; give a YAML path or a preset: {names}")
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a mapping of settings (data:, teacher:, ...), got {type(d).__name__}")
+    d = read_yaml(path)
     quick_overrides = d.pop("quick", None) or {}
+    require(isinstance(quick_overrides, dict), f"{path}: quick", quick_overrides,
+            "a mapping of dotted keys to values (student.epochs: 2)")
     for dotted, value in ((quick_overrides if quick else {}) | (overrides or {})).items():
         node = d
-        *parents, leaf = dotted.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
+        *parents, leaf = str(dotted).split(".")
+        for i, k in enumerate(parents):
+            if node.get(k) is None:  # absent, or an empty section
+                node[k] = {}
+            node = node[k]
+            require(isinstance(node, dict), f"{path}: {dotted}", value,
+                    f"a key under a section; {'.'.join(parents[:i + 1])} is a value, not a section")
         node[leaf] = value
     return from_dict(d, str(path))
+
+
+MAX_ALIASES = 100  # a preset needs few YAML aliases; thousands are a "billion laughs" that fills the memory
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping (two ``student:`` sections, say)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice in one mapping; "
+                                                        "keep one (YAML would silently keep the last)",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> dict:
+    """A preset file as a mapping; bad YAML, repeated keys and alias bombs stop here, naming the file."""
+    try:
+        text = path.read_text()
+        aliases = sum(isinstance(t, yaml.AliasToken) for t in yaml.scan(text))
+        if aliases > MAX_ALIASES:
+            raise ValueError(f"{path}: {aliases} YAML aliases (*name); expected at most {MAX_ALIASES}")
+        d = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping of settings (data:, teacher:, ...), got {type(d).__name__}")
+    return d

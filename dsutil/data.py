@@ -44,9 +44,31 @@ class DatasetError(ValueError):
     """Bad dataset name, path or layout; the message says what to fix."""
 
 
+def decode_image(path, mode: str = "RGB") -> Image.Image:
+    """One image file as 8-bit ``mode`` (RGB or L), whatever its format: 16- and 32-bit pixels are scaled to
+    0..255 (PIL's own conversion clips them, turning almost every pixel white), and a file that is damaged, not
+    an image, or a decompression bomb (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``) stops the run naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # PNG/TIFF 16-bit, or 32-bit integers
+                    a = np.asarray(im, dtype=np.float64)
+                    top = 65535.0 if im.mode.startswith("I;16") or a.max() <= 65535 else a.max()
+                    im = Image.fromarray(np.round(a * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+                elif im.mode == "F":
+                    im = Image.fromarray(np.round(np.asarray(im).clip(0, 1) * 255).astype(np.uint8), "L")
+                return im.convert(mode)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from None
+
+
 def cache_dir() -> Path:
     """Where extracted archives live (``DSUTIL_CACHE`` or ``~/.cache/dsutil``)."""
-    return Path(os.environ.get("DSUTIL_CACHE", Path.home() / ".cache" / "dsutil"))
+    path = Path(os.environ.get("DSUTIL_CACHE") or Path.home() / ".cache" / "dsutil")
+    if path.exists() and not path.is_dir():
+        raise DatasetError(f"DSUTIL_CACHE={path} is a file; expected a folder for extracted datasets")
+    return path
 
 
 class TensorImages(Dataset):
@@ -192,16 +214,65 @@ def mnist5k(seed: int = 0, test_per_class: int = 100) -> ImageData:
 
 # --- Tiny-ImageNet -------------------------------------------------------------------------------
 
-def _zip_stamp(zips: list[Path]) -> str:
-    """Names, sizes and mtimes of the zips: a new or replaced zip means a fresh extraction."""
-    return "".join(f"{z.name}\t{z.stat().st_size}\t{z.stat().st_mtime_ns}\n" for z in zips)
+def _zip_stamp(z: Path) -> str:
+    """Name, size and mtime of a zip: a replaced zip means its parts are extracted afresh."""
+    return f"{z.name}\t{z.stat().st_size}\t{z.stat().st_mtime_ns}\n"
 
 
-def tiny_imagenet_root(root: str | os.PathLike | None = None) -> Path:
-    """The Tiny-ImageNet folder: ``root`` itself, or the shared zips extracted once into the cache.
+def _zip_parts(z: Path) -> dict[str, list[str]]:
+    """A zip's members by part: ``train/<wnid>`` for each class's training folder, ``base`` for the rest
+    (wnids.txt, words.txt, val/). Read from the zip's directory; nothing is decompressed."""
+    parts: dict[str, list[str]] = {}
+    with zipfile.ZipFile(z) as f:
+        for name in f.namelist():
+            rel = name.split("/", 1)[1] if name.startswith("tiny-imagenet-200/") else None
+            if rel is None:
+                raise DatasetError(f"{z} holds {name}, outside the top-level tiny-imagenet-200/ folder")
+            bits = rel.split("/")
+            if bits[0] == "train" and len(bits) <= 2 or not rel:  # the train/ and top folders themselves
+                continue
+            parts.setdefault(f"train/{bits[1]}" if bits[0] == "train" else "base", []).append(name)
+    return parts
 
-    Extraction goes to a temporary folder beside the target and is renamed into
-    place, so an interrupted or concurrent run never leaves a half-filled folder.
+
+def _extract_part(z: Path, members: list[str], target: Path, part: str) -> None:
+    """Extract one part of a zip beside ``target`` and rename it into place, with its zip's stamp inside, so
+    an interrupted or concurrent extraction never leaves a half-filled class folder."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-imagenet-200-", dir=target.parent))
+    try:
+        with zipfile.ZipFile(z) as f:
+            f.extractall(tmp, members=members)
+        new = tmp / "tiny-imagenet-200"
+        tops = [new / part] if part != "base" else sorted(new.iterdir())
+        for top in tops:
+            dest = target / top.relative_to(new)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if top.is_dir():
+                (top / ".dsutil-zip").write_text(_zip_stamp(z))
+                if dest.exists():  # an older extraction, from another zip: moved aside, then removed
+                    dest.rename(tmp / f"old-{dest.name}")
+            try:
+                os.replace(top, dest)
+            except OSError:  # another process renamed its copy into place meanwhile
+                if not _current(dest, z):
+                    raise
+        if part == "base":
+            (target / f".dsutil-base-{z.name}").write_text(_zip_stamp(z))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _current(path: Path, z: Path) -> bool:
+    marker = path / ".dsutil-zip" if path.is_dir() else None
+    return marker is not None and marker.is_file() and marker.read_text() == _zip_stamp(z)
+
+
+def tiny_imagenet_root(root: str | os.PathLike | None = None, num_classes: int | None = None) -> Path:
+    """The Tiny-ImageNet folder: ``root`` itself, or the shared zips extracted into the cache.
+
+    Only what a run needs is extracted: the class list and validation images, and the training folders of the
+    first ``num_classes`` sorted wnids (None: every class the zips hold), each class once and atomically, so a
+    10-class run unpacks 5,000 training images, not 100,000. A zip replaced later is extracted afresh.
     """
     if root is not None:
         root = Path(root)
@@ -213,42 +284,21 @@ def tiny_imagenet_root(root: str | os.PathLike | None = None) -> Path:
     if not zips:
         raise DatasetError(f"no shared Tiny-ImageNet zips (tiny-imagenet-200-*.zip) in {SHARED_TINY}; pass the "
                            f"folder of an unzipped {TINY_URL} as root (--data-root)")
-    target, stamp = cache_dir() / "tiny-imagenet-200", _zip_stamp(zips)
-    marker = target / ".dsutil-zips"
-
-    def current() -> bool:
-        return marker.is_file() and marker.read_text() == stamp
-
-    if current():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-imagenet-200-", dir=target.parent))
-    old = None
-    try:
-        for z in zips:
-            with zipfile.ZipFile(z) as f:
-                f.extractall(tmp)
-        new = tmp / "tiny-imagenet-200"
-        if not new.is_dir():
-            raise DatasetError(f"the zips in {SHARED_TINY} hold no top-level tiny-imagenet-200/ folder")
-        (new / ".dsutil-zips").write_text(stamp)
-        if current():  # another process finished first
-            return target
-        if target.exists():  # extracted from other zips (before more train zips came): move it aside
-            old = Path(tempfile.mkdtemp(prefix=".tiny-imagenet-200-old-", dir=target.parent))
-            try:
-                target.rename(old / "old")
-            except FileNotFoundError:
-                pass
-        try:
-            new.rename(target)
-        except OSError:  # another process renamed its copy into place meanwhile
-            if not current():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    target = cache_dir() / "tiny-imagenet-200"
+    target.mkdir(parents=True, exist_ok=True)
+    parts = {z: _zip_parts(z) for z in zips}
+    for z, p in parts.items():
+        marker = target / f".dsutil-base-{z.name}"
+        if "base" in p and not (marker.is_file() and marker.read_text() == _zip_stamp(z)):
+            _extract_part(z, p["base"], target, "base")
+    if not (target / "wnids.txt").is_file():
+        raise DatasetError(f"the zips in {SHARED_TINY} hold no tiny-imagenet-200/wnids.txt")
+    wnids = sorted(set((target / "wnids.txt").read_text().split()))
+    held = {part.split("/")[1]: z for z, p in parts.items() for part in p if part != "base"}
+    need = [w for w in (wnids[:num_classes] if num_classes else wnids) if w in held]
+    for w in need:
+        if not _current(target / "train" / w, held[w]):
+            _extract_part(held[w], parts[held[w]][f"train/{w}"], target, f"train/{w}")
     return target
 
 
@@ -274,11 +324,7 @@ def _decode_tiny(files: list[Path], desc: str) -> np.ndarray:
 
     out = np.empty((len(files), 3, 64, 64), dtype=np.uint8)
     for i, f in enumerate(tqdm(files, desc=desc, unit="img")):
-        try:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("RGB"))
-        except OSError as e:
-            raise DatasetError(f"cannot read Tiny-ImageNet image {f}: {e}") from e
+        a = np.asarray(decode_image(f))
         if a.shape != (64, 64, 3):
             raise DatasetError(f"{f} is {a.shape[1]}x{a.shape[0]}, expected a 64x64 Tiny-ImageNet image")
         out[i] = a.transpose(2, 0, 1)
@@ -321,7 +367,7 @@ def tiny_imagenet(root: str | os.PathLike | None = None, num_classes: int | None
     ``num_classes=None`` keeps every class that has a train folder, which must be
     the first classes of the sorted order (the shared zips hold all 200).
     """
-    root = tiny_imagenet_root(root)
+    root = tiny_imagenet_root(root, num_classes)
     wnids_file = root / "wnids.txt"
     if not wnids_file.is_file():
         raise DatasetError(f"{wnids_file} does not exist; expected the list of Tiny-ImageNet class ids (wnids) "
@@ -375,16 +421,13 @@ class FolderImages(Dataset):
                  resize: int | None = None):
         self.files, self.targets, self.image_size = files, torch.as_tensor(targets, dtype=torch.long), image_size
         self.resize = resize or image_size  # the shorter side before the central crop of image_size
+        self.size = None if image_size or not files else decode_image(files[0]).size  # every image's, unresized
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i):
-        try:
-            with Image.open(self.files[i]) as im:
-                im = im.convert("RGB")
-        except (OSError, ValueError) as e:  # truncated, damaged or not an image at all
-            raise DatasetError(f"cannot read image {self.files[i]}: {e}") from e
+        im = decode_image(self.files[i])
         if self.image_size:  # shorter side to resize, then the central square of image_size
             r, s, (w, h) = self.resize, self.image_size, im.size
             nw, nh = max(r, round(w * r / min(w, h))), max(r, round(h * r / min(w, h)))
@@ -392,10 +435,14 @@ class FolderImages(Dataset):
                 im = im.resize((nw, nh), Image.BILINEAR)
             left, top = (nw - s) // 2, (nh - s) // 2
             im = im.crop((left, top, left + s, top + s))
+        elif im.size != self.size:  # images are batched as they are: all of one size, or resized by image_size
+            raise DatasetError(f"{self.files[i]} is {im.size[0]}x{im.size[1]}, {self.files[0]} {self.size[0]}x"
+                               f"{self.size[1]}: images of one folder must share a size, or set image_size "
+                               "(--image-size) to resize and crop them all")
         return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous(), int(self.targets[i])
 
 
-def _class_files(folder: Path) -> list[Path]:
+def class_files(folder: Path) -> list[Path]:
     """Image files anywhere below one class folder, in sorted order."""
     files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
     if not files:
@@ -428,7 +475,7 @@ def image_folder(root: str | os.PathLike | None, image_size: int | None = None,
     def split(folder: Path, names: list[str], resize: int | None = None) -> FolderImages:
         files, targets = [], []
         for name in names:
-            found = _class_files(folder / name)
+            found = class_files(folder / name)
             files += found
             targets += [classes.index(name)] * len(found)
         return FolderImages(files, targets, image_size, resize)

@@ -57,12 +57,21 @@ class Dynamics:
                 "views": st["views"]}
 
 
-def load_scores(path) -> dict[str, torch.Tensor]:
-    """The per-image scores a student saved in ``dynamics.safetensors``."""
+def load_scores(path, images_sha256: str | None = None, num_images: int | None = None) -> dict[str, torch.Tensor]:
+    """The per-image scores a student saved in ``dynamics.safetensors``; with ``images_sha256`` and
+    ``num_images``, they must score those very images (a student of another set is refused)."""
     from .files import load_tensors
 
-    tensors, _ = load_tensors(path)
+    tensors, meta = load_tensors(path)
     missing = set(SCORES) - set(tensors)
     if missing:
         raise ValueError(f"{path} has no {', '.join(sorted(missing))} scores; was it written by a dsutil student?")
+    scored = meta.get("images_sha256")
+    if images_sha256 and scored and scored != images_sha256:
+        raise ValueError(f"{path} scores another image set (sha256 {scored[:12]}...) than the labels' images "
+                         f"({images_sha256[:12]}...); give --scores-from a student trained on these images")
+    n = len(next(iter(tensors.values())))
+    if num_images is not None and n != num_images:
+        raise ValueError(f"{path} scores {n} images, the labels' set has {num_images}; give --scores-from a "
+                         "student trained on these images")
     return tensors

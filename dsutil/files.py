@@ -54,12 +54,16 @@ _tensorboard: dict = {}  # the one open writer (loops run one at a time): its me
 
 
 def check_tensorboard() -> None:
-    """Before any work: when ``DSUTIL_TENSORBOARD`` is set, TensorBoard must be importable."""
-    if os.environ.get(TENSORBOARD_ENV):
+    """Before any work: when ``DSUTIL_TENSORBOARD`` is set, it names a folder (or none yet) and TensorBoard
+    is importable."""
+    root = os.environ.get(TENSORBOARD_ENV)
+    if root and Path(root).exists() and not Path(root).is_dir():
+        raise ValueError(f"{TENSORBOARD_ENV}={root} is a file; expected a folder for TensorBoard logs")
+    if root:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError as e:
-            raise RuntimeError(f"{TENSORBOARD_ENV}={os.environ[TENSORBOARD_ENV]} asks for TensorBoard logs, but "
+            raise ValueError(f"{TENSORBOARD_ENV}={os.environ[TENSORBOARD_ENV]} asks for TensorBoard logs, but "
                                f"tensorboard is not installed (pip install tensorboard): {e}") from None
 
 
@@ -86,17 +90,31 @@ def write_metrics(path, history: list[dict]) -> None:
     writer.flush()
 
 
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def json_ready(obj):
     """Round-trip through JSON so tuples and lists compare equal."""
     return json.loads(json.dumps(obj, default=str))
 
 
 def read_json(path) -> dict:
-    """A JSON file we wrote; a damaged one names itself."""
+    """A JSON object we wrote; a damaged one, or one that holds anything but an object, names itself."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); was it truncated or edited by hand?") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__.replace('dict', 'object')}; expected an object "
+                         "(was it edited by hand?)")
+    return obj
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -141,3 +159,89 @@ def load_model(path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     model = build_model(**meta["model"]).to(device)
     model.load_state_dict(state)
     return model.eval(), meta["model"]
+
+
+TEMPORARY = ".*.tmp"  # what atomic_path leaves when a process dies inside it
+
+
+def remove_own(folder, patterns) -> list[Path]:
+    """Remove the files of ``folder`` that dsutil writes there (glob ``patterns``, its temporary files too) and
+    the folders they leave empty; every other file stays. Returns the files left, the user's own."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    for pattern in (*patterns, TEMPORARY):
+        for path in folder.glob(pattern):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+    return sorted(p for p in folder.rglob("*") if not p.is_dir())
+
+
+LOCK = ".dsutil.lock"  # in a folder one dsutil process is writing: its pid, host and command
+_held: set[Path] = set()  # the folders this process holds
+
+
+def _holder_gone(holder: dict) -> bool:
+    """A lock's writer is known to be gone only on this host, by its pid."""
+    import socket
+
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, KeyError, TypeError):
+        return False
+    return False
+
+
+@contextmanager
+def claim(folder, what: str):
+    """Hold ``folder`` for one writer: an exclusive lock file made atomically (``O_EXCL``), removed on exit.
+    A second writer is refused at once, saying who holds it; a lock whose process is gone (same host, pid not
+    running) is stale and taken over. Under torchrun only rank 0 calls this."""
+    import socket
+    import sys
+
+    from .runtime import is_main
+
+    folder = Path(folder)
+    if not is_main() or folder.resolve() in _held:  # the other ranks; a stage inside a run this process holds
+        yield
+        return
+    created = [d for d in (folder, *folder.parents) if not d.exists()]  # made here, removed again if left empty
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:1] + sys.argv[1:4])}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                holder = {}  # being written this instant, or damaged: a live writer until shown otherwise
+            if holder and _holder_gone(holder):
+                lock.unlink(missing_ok=True)
+                continue
+            raise ValueError(f"{folder} is being written by another dsutil process ({what}: pid "
+                             f"{holder.get('pid', '?')} on {holder.get('host', '?')}, lock {lock}); wait for it to "
+                             "finish, or remove the lock file if that process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise ValueError(f"{folder}: could not take the lock {lock}; remove it if no dsutil process is writing there")
+    _held.add(folder.resolve())
+    try:
+        yield
+    finally:
+        _held.discard(folder.resolve())
+        lock.unlink(missing_ok=True)
+        for d in created:  # refused before it wrote anything: leave no trace
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()

@@ -15,17 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .files import write_json
+from .data import DatasetError, class_files, decode_image
+from .files import claim, read_json, write_json
 from .image_store import READ_BATCH, ImageSet, write_image_set
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 OFFICIAL_FOLDER = re.compile(r"new(\d+)")  # the official recover code's class folders: new000, new001, ...
 
 
 def class_folders(folder: Path, classes: list[str]) -> list[Path]:
     """The folder of each of the run's classes: by name, or by number in the official ``new<N>`` layout."""
-    from .data import DatasetError
-
     found = sorted(p.name for p in folder.iterdir() if p.is_dir())
     official = [n for n in found if OFFICIAL_FOLDER.fullmatch(n) and n not in classes]
     if official and len(official) < len(found):
@@ -58,11 +56,7 @@ def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
     """Write ``RUN/recover/NAME`` (images.safetensors, png/, recover.json) from the ImageFolder ``folder``;
     images are converted to the teacher's channels and resized to its input size, and streamed: a set of
     any size is imported in the memory of a few hundred images."""
-    import torchvision.transforms.v2.functional as TF
-    from PIL import Image
-
-    from .data import DatasetError
-    from .recover import load_squeezed, predicted, write_pngs
+    from .recover import load_squeezed
     from .runtime import resolve_device
 
     folder, run_dir, dev = Path(folder), Path(run_dir), resolve_device(device)
@@ -72,28 +66,49 @@ def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
         raise ValueError(f"name={name!r}: expected a folder name for RUN/recover/<name>")
     teacher, spec, _, info = load_squeezed(run_dir, dev)
     classes = info["dataset"]["classes"]
-    mode, size = ("L" if spec["in_channels"] == 1 else "RGB"), spec["image_size"]
     files, labels = [], []
     for c, class_dir in enumerate(class_folders(folder, classes)):
-        found = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise DatasetError(f"{class_dir} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        found = class_files(class_dir)  # the files an ImageFolder of squeeze reads, subfolders too
         files += found
         labels += [c] * len(found)
+    out = run_dir / "recover" / name
+    check_replaceable(run_dir, out)
+    with claim(out, "import"):
+        _write_import(run_dir, out, folder, files, labels, classes, spec, info, teacher, dev)
+    return out
+
+
+def check_replaceable(run_dir: Path, out: Path) -> None:
+    """An import may replace only an earlier import that nothing was built on: a recovered set, or one that
+    label stores were made from, is refused, naming what would be lost."""
+    if not (out / "images.safetensors").exists():
+        return
+    made = (read_json(out / "recover.json").get("method") if (out / "recover.json").exists() else None)
+    if made != "import":
+        raise ValueError(f"{out} holds a set made by recover ({made or 'unfinished'}); import under another --name")
+    images = (out / "images.safetensors").resolve()
+    built = sorted(str(m.parent) for pattern in ("labels/*/manifest.json", "labels/*/pending.json")
+                   for m in run_dir.glob(pattern) if (run_dir / read_json(m).get("images", "")).resolve() == images)
+    if built:
+        raise ValueError(f"{out} was imported before and label stores were made from it ({', '.join(built[:3])}); "
+                         "import under another --name, or remove those stores first")
+
+
+def _write_import(run_dir, out, folder, files, labels, classes, spec, info, teacher, dev) -> None:
+    import torchvision.transforms.v2.functional as TF
+
+    from .recover import predicted, write_pngs
+
+    mode, size = ("L" if spec["in_channels"] == 1 else "RGB"), spec["image_size"]
 
     def rows():  # uint8 pixels, READ_BATCH files at a time: the set is never whole in memory
         for a in range(0, len(files), READ_BATCH):
             batch = []
             for path in files[a:a + READ_BATCH]:
-                try:
-                    with Image.open(path) as img:
-                        x = TF.pil_to_tensor(img.convert(mode))
-                except Exception as e:
-                    raise DatasetError(f"cannot read image {path} ({e})") from None
+                x = TF.pil_to_tensor(decode_image(path, mode))
                 batch.append(x if list(x.shape[-2:]) == [size, size] else TF.resize(x, [size, size], antialias=True))
             yield torch.stack(batch)
 
-    out = run_dir / "recover" / name
     write_image_set(out / "images.safetensors", torch.tensor(labels), (spec["in_channels"], size, size), rows(),
                     {"classes": classes, "method": "import", "ipc": None, "source": str(folder.resolve()),
                      "mean": info["dataset"]["mean"], "std": info["dataset"]["std"]})
@@ -106,7 +121,6 @@ def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
                                       "classes": classes, "teacher": spec, "pixels": "uint8",
                                       "teacher_top1_on_images": float(correct.float().mean()),
                                       "finished": time.time()})
-    return out
 
 
 def import_teacher(state_dict_path, out, arch: str, num_classes: int, image_size: int, in_channels: int = 3,

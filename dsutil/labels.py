@@ -9,14 +9,13 @@ one batch is read without loading its epoch.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .files import read_json
+from .files import file_sha256, read_json
 from .settings import one_of
 
 FORMAT_VERSION = 1
@@ -46,14 +45,6 @@ class LabelStoreError(ValueError):
     """A label store that does not fit the images, the student or itself."""
 
 
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_prune_ratio(r: float) -> float:
     if not 0 <= r < 1:
         raise ValueError(f"prune ratio must be in [0, 1), got {r}")
@@ -69,8 +60,10 @@ def storage_bytes(classes: int, ipc: int, epochs: int, batch_size: int = 1024, p
     """
     check_prune_ratio(prune_ratio)
     for name, value in (("classes", classes), ("ipc", ipc), ("epochs", epochs), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name}={value}: expected a positive integer")
+        if not 1 <= value <= 10**9:  # far beyond any dataset, and the formula's floats stay exact enough
+            raise ValueError(f"{name}={value}: expected a positive integer up to 10^9")
+    if topk is not None and not 1 <= topk <= classes:
+        raise ValueError(f"topk={topk}: expected 1 to the number of classes ({classes})")
     n = classes * ipc
     per_image = label_bytes(classes, dtype, topk, topk_fill)
     batches = epochs * math.ceil(n / batch_size)
@@ -334,7 +327,8 @@ class LabelStore:
         return total
 
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        """The store's bytes on disk: its epoch files and manifest (not timing.json or a runner's stage.json)."""
+        return sum(f.stat().st_size for f in [self.path / "manifest.json", *self.path.glob("epoch*.safetensors")])
 
 
 def pool_order(units: list[list[tuple[int, int]]], pool: str, generator: torch.Generator) -> list[int]:

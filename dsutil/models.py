@@ -101,16 +101,24 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
 
 @torch.no_grad()
 def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The classifier's input features for images ``x`` (eval mode, batched)."""
+    """The classifier's input features for images ``x`` (a tensor or an ImageSet: eval mode, batched)."""
+    return torch.cat([f for f, _ in feature_batches(model, ((x[i:i + batch_size], None)
+                                                            for i in range(0, len(x), batch_size)))])
+
+
+@torch.no_grad()
+def feature_batches(model: nn.Module, batches):
+    """``(features, labels)`` for each ``(normalised images, labels)`` batch: the classifier's input, on the
+    CPU as float32; a stream, so an analysis holds one batch at a time."""
     layer, feats = classifier_layer(model), []
     hook = layer.register_forward_hook(lambda m, inp, out: feats.append(inp[0].flatten(1).float().cpu()))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size].to(device))
+        for x, y in batches:
+            model(x.to(device))
+            yield feats.pop(), y
     finally:
         hook.remove()
         model.train(was_training)
-    return torch.cat(feats)

@@ -93,7 +93,8 @@ def image_grid(images01: torch.Tensor, labels: torch.Tensor, classes: list[str],
 
 def demo_figures(out, summary: dict, data) -> list[Path]:
     """The demo's figures under ``out/figures``."""
-    from .recover import load_images, recover_dir
+    from .image_store import ImageSet
+    from .recover import recover_dir
 
     fig_dir = Path(out) / "figures"
     paths = [save(cosine_bars({n: m["within_class_cosine"] for n, m in summary["methods"].items()},
@@ -103,11 +104,18 @@ def demo_figures(out, summary: dict, data) -> list[Path]:
              save(accuracy_curves(summary, "prune_ratio"), fig_dir / "accuracy_vs_pruning.png"),
              save(accuracy_curves(summary, "label_bytes"), fig_dir / "accuracy_vs_label_storage.png")]
     for name, m in summary["methods"].items():
-        x, y, _ = load_images(recover_dir(out, name, m["ipc"]))
-        paths.append(save(image_grid(data.denormalize(x), y, data.classes,
+        images = ImageSet(recover_dir(out, name, m["ipc"]) / "images.safetensors")
+        rows = grid_rows(images.labels)  # only the images the grid draws are read
+        paths.append(save(image_grid(data.denormalize(images[rows]), images.labels[rows], data.classes,
                                      f"{METHOD_NAMES.get(name, name)}, IPC {m['ipc']}"),
                           fig_dir / f"images_{name}.png"))
     return paths
+
+
+def grid_rows(labels: torch.Tensor, per_class: int = 10, max_classes: int = 10) -> torch.Tensor:
+    """The rows :func:`image_grid` draws: the first ``per_class`` images of each of the first classes."""
+    shown = sorted(labels.unique().tolist())[:max_classes]
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in shown])
 
 
 def _name(n: str) -> str:

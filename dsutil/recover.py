@@ -290,12 +290,16 @@ def parse_classes(text: str | None, num_classes: int) -> range:
     return r
 
 
+RECOVER_FILES = ("settings.json", "recover.json", "images.safetensors", "units/*.safetensors", "png/*/*.png")
+
+
 def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: str = "auto",
             progress: bool = True) -> dict | None:
     """Synthesise (or pick, for ``real``) IPC images per class into the run's recover folder.
 
     Finished units are written atomically and skipped on a rerun, so a killed
-    run resumes where it stopped. Returns the summary once every class is done.
+    run resumes where it stopped. Returns the summary once every class is done; a finished folder of the
+    same settings is returned as it is.
     """
     dev = resolve_device(device)
     teacher, spec, stats, info = load_squeezed(run_dir, dev)
@@ -312,6 +316,8 @@ def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: s
         made = any((out / "units").glob("*.safetensors"))  # a run that failed before making anything blocks nothing
         if json_ready(old) != json_ready(settings) and made:
             raise ValueError(f"{out} holds images made with other settings; remove it or use another method name")
+        if json_ready(old) == json_ready(settings) and (out / "recover.json").exists():
+            return read_json(out / "recover.json")  # finished: returned as it is, no byte rewritten
     progress = progress and is_main()
     shape = (spec["in_channels"], spec["image_size"], spec["image_size"])
     mean, std = info["dataset"]["mean"], info["dataset"]["std"]

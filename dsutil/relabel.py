@@ -9,7 +9,6 @@ the teacher saw, whatever the sampler, image count or PyTorch version.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,16 +19,18 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .augment import rrc_boxes
-from .files import json_ready, read_json, write_json
+from .files import claim, file_sha256, json_ready, read_json, remove_own, write_json
 from .image_store import ImageSet
 from .labels import (DTYPES, FORMAT_VERSION, PRUNE_POOLS, TOPK_FILLS, BatchRecord, LabelStore, check_prune_ratio,
-                     file_sha256, pool_order, write_epoch)
+                     pool_order, write_epoch)
 from .recover import load_squeezed
 from .runtime import LoaderWait, barrier, derive_seed, is_main, loader_options, my_share, resolve_device
 from .settings import check_crop_scale, one_of, positive, require
 
 MIXES = ("none", "cutmix", "mixup")
 PENDING = "pending.json"  # a relabel's inputs and settings while its store is unfinished
+TIMING = "timing.json"  # how long a relabel took: kept out of the manifest, which training fingerprints
+STORE_FILES = ("manifest.json", PENDING, TIMING, "epoch*.safetensors")  # what relabel writes in a store
 
 
 @dataclass
@@ -165,6 +166,15 @@ class StepBatches(Dataset):
         return replay(self.images, rec), rec.logits, rec.index, y, y[rec.mix_perm], rec.mix_lam
 
 
+def check_input_size(images: ImageSet, spec: dict, run_dir) -> None:
+    """Images the teacher (or a student of its spec) can take: its channels and size, before any work."""
+    want = (spec["in_channels"], spec["image_size"], spec["image_size"])
+    if tuple(images.shape[-3:]) != want:
+        raise ValueError(f"{images.path} holds {'x'.join(map(str, images.shape[-3:]))} images, the teacher of "
+                         f"{run_dir} takes {'x'.join(map(str, want))} (channels x height x width); import them at "
+                         "the teacher's size, or use a run of their size")
+
+
 def _relative_to(path: Path, run_dir) -> str:
     """``path`` relative to the run when inside it, so a copied or moved run stays whole."""
     try:
@@ -191,8 +201,16 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
     :func:`~dsutil.runtime.loader_workers` allows); the store is the same bytes whatever their number.
     The inputs and settings go into ``pending.json`` before any epoch file; an interrupted relabel with
     the same ones resumes, keeping each epoch file that is whole and holds the batches it should. A folder
-    made from other inputs or settings is refused, or cleared with ``restart``. ``manifest.json`` is last.
+    made from other inputs or settings is refused, or cleared with ``restart`` (which removes only the store's
+    own files). ``manifest.json`` is last; a finished store of the same inputs and settings is returned as it is,
+    untouched. Times go to ``timing.json``, which nothing reads, so the manifest is the same bytes on every run.
     """
+    out = Path(out) if out else store_dir(run_dir, images_dir, cfg)
+    with claim(out, "relabel"):
+        return _relabel(run_dir, images_dir, cfg, out, device, progress, restart, workers)
+
+
+def _relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path, device, progress, restart, workers) -> Path:
     dev = resolve_device(device)
     teacher, spec, _, info = load_squeezed(run_dir, dev)
     images = ImageSet(Path(images_dir) / "images.safetensors")
@@ -200,7 +218,7 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
         raise ValueError(f"{images_dir} has {len(images.classes)} classes, the teacher {spec['num_classes']}")
     require(cfg.topk is None or cfg.topk <= spec["num_classes"], "topk", cfg.topk,
             f"at most the number of classes ({spec['num_classes']})")
-    out = Path(out) if out else store_dir(run_dir, images_dir, cfg)
+    check_input_size(images, spec, run_dir)
     intent = {"images_sha256": file_sha256(images.path),
               "teacher_sha256": file_sha256(Path(run_dir) / "teacher.safetensors"), "settings": json_ready(label_settings(asdict(cfg)))}
     for marker in (out / "manifest.json", out / PENDING):  # epoch files present are reused only for the same inputs
@@ -208,13 +226,15 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
             old = {k: json_ready(read_json(marker).get(k)) for k in intent}
             if isinstance(old["settings"], dict):  # settings added since were at their defaults: the old behaviour
                 old["settings"] = json_ready(label_settings(asdict(RelabelConfig()) | old["settings"]))
+            if old == intent and marker.name == "manifest.json":
+                return out  # finished with these inputs and settings: nothing to do, no byte changes
             if old != intent:
                 if not restart:
                     raise ValueError(f"{out} holds labels made from other images, teacher or settings ({marker.name}); "
                                      "remove it, choose another --out, or pass --restart")
                 barrier()  # every rank has read the folder before it goes
                 if is_main():
-                    shutil.rmtree(out)
+                    remove_own(out, STORE_FILES)
             break
     barrier()
     if is_main():
@@ -264,11 +284,11 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
                 "batches_per_epoch": per_epoch, "dtype": cfg.dtype, "topk": cfg.topk, "topk_fill": cfg.topk_fill,
                 "augmentation": {"crop_scale": cfg.crop_scale, "flip": cfg.flip, "mix": cfg.mix,
                                  "mix_alpha": cfg.mix_alpha},
-                "settings": asdict(cfg), "present": present, "seconds": time.time() - start,
-                "loader_wait_seconds": loader.seconds}
+                "settings": asdict(cfg), "present": present}
     manifest |= {"images_never_labelled": float((counts == 0).double().mean()),  # how evenly the labels cover
                  "labels_per_image_min": int(counts.min()), "labels_per_image_max": int(counts.max())}  # the images
     if is_main():
+        write_json(out / TIMING, {"seconds": time.time() - start, "loader_wait_seconds": loader.seconds})
         write_json(out / "manifest.json", manifest)  # last: the store is complete
         (out / PENDING).unlink()
     barrier()

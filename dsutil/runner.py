@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from .analysis import within_class_cosine
+from .analysis import streamed_within_class_cosine
 from .config import ExperimentConfig
-from .files import json_ready, read_json, write_json
+from .files import json_ready, read_json, remove_own, write_json
 from .labels import DYNAMICS_METRICS, LabelStore
-from .models import penultimate_features
+from .models import feature_batches
 from .image_store import ImageSet
-from .recover import load_squeezed, recover, recover_dir
-from .relabel import label_settings, relabel
-from .runtime import barrier, is_main
+from .recover import RECOVER_FILES, load_squeezed, recover, recover_dir
+from .relabel import STORE_FILES, label_settings, relabel
+from .runtime import barrier, derive_seed, is_main, resolve_device
 from .squeeze import squeeze
-from .train import train_student
+from .train import STUDENT_FILES, train_student
 
 
 # Settings added after runs were made, with their defaults: left out of a stage's hash while at the default
@@ -58,8 +57,10 @@ class Stages:
         self.seconds: dict[str, float] = {}
         self.progress = progress
 
-    def __call__(self, name: str, marker: Path, settings: dict, upstream: list[str], fn, clear: Path | None = None
-                 ) -> str:
+    def __call__(self, name: str, marker: Path, settings: dict, upstream: list[str], fn,
+                 own: tuple[str, ...] = ()) -> str:
+        """Reuse the stage when ``marker`` holds its hash, else run ``fn``; a stage of other settings first loses
+        its files (``own``: glob patterns of what the stage writes in the marker's folder; the user's stay)."""
         h = settings_hash(settings, upstream)
         done = marker.exists() and read_json(marker).get("hash") == h
         barrier()  # under torchrun every rank decides before any writes
@@ -67,8 +68,8 @@ class Stages:
             self.reused.append(name)
             self.seconds[name] = read_json(marker).get("seconds")
             return h
-        if clear is not None and clear.exists() and is_main():
-            shutil.rmtree(clear)
+        if own and is_main():
+            remove_own(marker.parent, (*own, marker.name))
         barrier()
         if self.progress and is_main():
             print(f"[dsutil] {name} ...", flush=True)
@@ -98,16 +99,17 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
 
     out, start = Path(out), time.time()
     seeds = cfg.student_seeds()
+    data = cfg.data.load()
+    check_class_count(cfg, data.num_classes)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if is_main():
         write_json(out / "config.json", cfg.to_dict())
     stages = Stages(progress)
-    data = cfg.data.load()
 
     stages("squeeze", out / "squeeze.stage.json",
            {"data": asdict(cfg.data), "teacher": asdict(cfg.teacher), "checkpoint": cfg.teacher_checkpoint},
            [], lambda: squeeze(data, out, cfg.teacher, cfg.device, progress, cfg.teacher_checkpoint, restart=True))
-    teacher, spec, _, info = load_squeezed(out)
+    teacher, spec, _, info = load_squeezed(out, resolve_device(cfg.device))  # the analyses run where the stages do
     methods: dict[str, dict] = {}
     for method in cfg.methods:
         rcfg = cfg.recover_config(method)
@@ -121,17 +123,15 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
                                        rcfg.ipc, cfg.device, data, progress, stages) for seed in seeds]
                 students.append({"prune_ratio": ratio, "metric": metric} | over_seeds(runs, seeds))
         methods[method] = {"ipc": rcfg.ipc,
-                           "within_class_cosine": within_class_cosine(penultimate_features(teacher, images), images.labels),
+                           "within_class_cosine": streamed_within_class_cosine(feature_batches(teacher, images.batches())),
                            "teacher_top1_on_images": read_json(rdir / "recover.json")["teacher_top1_on_images"],
                            "label_bytes_full": LabelStore(store).kept_bytes(LabelStore(store).keys()),
                            "label_bytes_on_disk": LabelStore(store).disk_bytes(),
                            "students": students}
-    real_images = torch.stack([data.normalize(data.train[i][0]) for i in range(len(data.train))]) \
-        if len(data.train) <= 50_000 else None
-    real_cos = None if real_images is None else within_class_cosine(
-        penultimate_features(teacher, real_images), torch.as_tensor(data.train.targets))
+    real_cos, real_count = real_within_class_cosine(teacher, data, cfg.cosine_per_class, cfg.data.seed, cfg.device)
     summary = {"name": cfg.name, "dataset": cfg.data.dataset, "classes": data.classes, "teacher": {"arch": spec["arch"], "test_top1": info["test_top1"]},
-               "real_within_class_cosine": real_cos, "methods": methods, "settings": cfg.to_dict(),
+               "real_within_class_cosine": real_cos, "real_within_class_cosine_images": real_count,
+               "methods": methods, "settings": cfg.to_dict(),
                "seeds": seeds, "stages": {"ran": stages.ran, "reused": stages.reused},
                "stage_seconds": stages.seconds, "stage_seconds_by_kind": stages.seconds_by_kind(),
                "seconds": time.time() - start}
@@ -141,6 +141,46 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
         write_json(out / "summary.json", summary)
     barrier()
     return summary
+
+
+def per_class_sample(targets: torch.Tensor, per_class: int | None, seed: int) -> list[int]:
+    """The indices of at most ``per_class`` images of each class, drawn with a seed of their own (all, None)."""
+    if per_class is None:
+        return list(range(len(targets)))
+    picked = []
+    for c in targets.unique().tolist():
+        idx = torch.nonzero(targets == c).flatten()
+        gen = torch.Generator().manual_seed(derive_seed(seed, "cosine sample", c))
+        picked += idx[torch.randperm(len(idx), generator=gen)[:per_class]].tolist()
+    return sorted(picked)
+
+
+def real_within_class_cosine(teacher, data, per_class: int | None, seed: int, device: str = "auto",
+                             batch_size: int = 256) -> tuple[float, int]:
+    """The teacher's within-class cosine of the real training images (all, or a seeded sample per class) and
+    the number of images it saw: streamed through the teacher in batches decoded by loader workers, so the
+    memory holds a batch and one feature sum per class, whatever the size of the training set."""
+    from torch.utils.data import DataLoader, Subset
+
+    from .data import train_targets
+    from .runtime import loader_options
+
+    dev = next(teacher.parameters()).device
+    idx = per_class_sample(train_targets(data.train), per_class, seed)
+    loader = DataLoader(Subset(data.train, idx), batch_size=batch_size,
+                        **loader_options(data.train, None, dev))
+    batches = ((data.normalize(x.to(dev)), y) for x, y in loader)
+    return streamed_within_class_cosine(feature_batches(teacher, batches)), len(idx)
+
+
+def check_class_count(cfg: ExperimentConfig, num_classes: int) -> None:
+    """Settings bounded by the data's class count, checked once the data is known, before the teacher trains."""
+    from .settings import require
+
+    require(cfg.relabel.topk is None or cfg.relabel.topk <= num_classes, "relabel.topk", cfg.relabel.topk,
+            f"at most the data's {num_classes} classes")
+    for k in cfg.frontier.topk if cfg.frontier else []:
+        require(k is None or k <= num_classes, "frontier.topk", k, f"at most the data's {num_classes} classes")
 
 
 def over_seeds(runs: list[dict], seeds: list[int]) -> dict:
@@ -160,8 +200,10 @@ def summary_table(summary: dict) -> str:
     seeds = summary.get("seeds", [0])
     width = 8 if len(seeds) == 1 else 11
     head = f"{'method':<8} {'cosine':>7} " + " ".join(f"{'r=' + format(r, 'g'):>{width}}" for r in ratios)
+    real = summary.get("real_within_class_cosine")
     lines = [f"teacher {summary['teacher']['arch']}: test top-1 {summary['teacher']['test_top1']:.4f}; "
-             f"real images within-class cosine {summary['real_within_class_cosine']:.3f}", head]
+             "real images within-class cosine " + ("not measured (a run made before it was streamed)"
+                                                   if real is None else f"{real:.3f}"), head]
     for name, m in summary["methods"].items():
         cells = [f"{s['test_top1'] * 100:.1f}%" + ("" if s.get("test_top1_std") is None
                                                       else f"±{s['test_top1_std'] * 100:.1f}") for s in m["students"]]
@@ -202,7 +244,7 @@ def ensure_labels(run_dir, method: str, ipc: int, lcfg, device: str = "auto", pr
     run_dir, stages = Path(run_dir), stages or Stages(progress)
     rdir, store = recover_dir(run_dir, method, ipc), label_store_dir(run_dir, method, ipc, lcfg.topk, lcfg.topk_fill)
     stages(f"relabel {store.name}", store / "stage.json", asdict(lcfg), [stage_hash(rdir)],
-           lambda: relabel(run_dir, rdir, lcfg, out=store, device=device, progress=progress), clear=store)
+           lambda: relabel(run_dir, rdir, lcfg, out=store, device=device, progress=progress), own=STORE_FILES)
     return store
 
 
@@ -215,7 +257,7 @@ def ensure_recover(run_dir, rcfg, device: str = "auto", progress: bool = True, s
         rcfg = replace(rcfg, iterations=0)  # irrelevant to picking real images; keep the hash stable
     rdir = recover_dir(run_dir, rcfg.method, rcfg.ipc)
     stages(f"recover {rcfg.method}", rdir / "stage.json", asdict(rcfg), [read_json(run_dir / "squeeze.stage.json")["hash"]],
-           lambda: recover(run_dir, rcfg, device=device, progress=progress), clear=rdir)
+           lambda: recover(run_dir, rcfg, device=device, progress=progress), own=RECOVER_FILES)
     return rdir
 
 
@@ -246,12 +288,12 @@ def ensure_student(run_dir, method: str, scfg, ipc: int, device: str = "auto", d
         reference = ensure_student(run_dir, method, full, ipc, device, data, progress, stages, store)
         if not (Path(reference["dir"]) / "dynamics.safetensors").exists():  # trained before students kept them
             if is_main():
-                shutil.rmtree(reference["dir"])
+                remove_own(reference["dir"], (*STUDENT_FILES, "stage.json"))
             barrier()
             reference = ensure_student(run_dir, method, full, ipc, device, data, progress, stages, store)
         scfg = replace(scfg, scores_from=reference["dir"])
     store = store or label_store_dir(run_dir, method, ipc)
     sdir = folder or run_dir / "students" / student_name(method, ipc, scfg)
     stages(f"student {sdir.name}", sdir / "stage.json", asdict(scfg), [stage_hash(store)],
-           lambda: train_student(run_dir, store, scfg, sdir, device, progress=progress, data=data), clear=sdir)
+           lambda: train_student(run_dir, store, scfg, sdir, device, progress=progress, data=data), own=STUDENT_FILES)
     return read_json(sdir / "train.json") | {"dir": str(sdir)}

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-RANK_TIMEOUT = timedelta(hours=12)  # how long a rank waits for the others (rank 0 alone trains the teacher)
+RANK_TIMEOUT = timedelta(minutes=30)  # how long a rank waits for the others: every stage splits its work, so a
+# rank that waits this long is stuck (rank 0 alone writes a recovered set's PNGs, minutes at ImageNet size)
 
 
 def fix_mmap_threshold() -> None:
@@ -40,13 +41,44 @@ def fix_mmap_threshold() -> None:
             pass
 
 
+RENDEZVOUS_ENV = "DSUTIL_RENDEZVOUS_SECONDS"  # how long ranks wait to find each other at the start (120)
+
+
 def start_ranks() -> None:
-    """Join torchrun's process group when launched by it with several processes; idempotent."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=RANK_TIMEOUT)
+    """Join torchrun's process group when launched by it with several processes; idempotent.
+
+    A rank environment left over without a launcher (WORLD_SIZE > 1 in a copied job script or a notebook)
+    fails within ``DSUTIL_RENDEZVOUS_SECONDS``, saying so, instead of waiting for peers that never come."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"WORLD_SIZE={text!r}: expected the number of torchrun ranks (1 or more)")
+    world = int(text)
+    if world == 1 or dist.is_initialized():
+        return
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} asks for {world} torchrun ranks, but {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not set: launch with torchrun, or unset WORLD_SIZE "
+                         "to run as one process")
+    wait = os.environ.get(RENDEZVOUS_ENV, "120")
+    if not wait.isdigit() or int(wait) < 1:
+        raise ValueError(f"{RENDEZVOUS_ENV}={wait!r}: expected whole seconds, 1 or more")
+    me, host, port = int(os.environ["RANK"]), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent already serves the store
+    try:
+        store = dist.TCPStore(host, port, world, is_master=me == 0 and not agent, timeout=timedelta(seconds=int(wait)),
+                              wait_for_workers=True)
+        store.set(f"dsutil/rank{me}", "here")  # a client that found the store but no master peer fails here
+        for r in range(world):
+            store.wait([f"dsutil/rank{r}"])
+    except (RuntimeError, dist.DistError) as e:
+        raise ValueError(f"rank {me} of WORLD_SIZE={world} found no peers at {host}:{port} within {wait} s "
+                         f"({str(e).splitlines()[0]}); launch with torchrun, unset WORLD_SIZE to run as one process, "
+                         f"or raise {RENDEZVOUS_ENV}") from None
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=me, world_size=world, timeout=RANK_TIMEOUT)
 
 
 def stop_ranks() -> None:
@@ -116,7 +148,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+        raise ValueError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
     if device == "cuda" and dist.is_initialized():
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return torch.device(device)

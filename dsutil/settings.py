@@ -6,6 +6,7 @@ expected, before any stage has spent compute.
 """
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import fields
@@ -49,6 +50,7 @@ def convert(value, hint, name: str):
                 pass
         ok = isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
         require(ok, name, value, "a number" if hint is float else "an integer")
+        require(math.isfinite(value), name, value, "a finite number")
         return hint(value)
     if hint is str:
         require(isinstance(value, str), name, value, "a string")
@@ -72,11 +74,11 @@ def build(cls, values: dict | None, where: str):
 
 
 def positive(name: str, value) -> None:
-    require(value > 0, name, value, "a positive number")
+    require(math.isfinite(value) and value > 0, name, value, "a positive finite number")
 
 
 def non_negative(name: str, value) -> None:
-    require(value >= 0, name, value, "0 or more")
+    require(math.isfinite(value) and value >= 0, name, value, "0 or more, finite")
 
 
 def check_crop_scale(scale) -> None:

@@ -8,7 +8,6 @@ gives what each choice does to the results.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,9 +19,10 @@ from tqdm.auto import tqdm
 
 from .augment import crop_flip, random_shift_flip, rrc_boxes
 from .data import ImageData
-from .files import load_model, load_tensors, save_model, save_tensors, write_json, write_metrics
+from .files import (claim, file_sha256, json_ready, load_model, load_tensors, read_json, remove_own, save_model,
+                    save_tensors, write_json, write_metrics)
 from .models import build_model
-from .runtime import (barrier, derive_seed, is_main, loader_options, rank, resolve_device, seed_everything,
+from .runtime import (barrier, derive_seed, is_main, loader_options, my_rows, rank, resolve_device, seed_everything,
                       sum_over_ranks, world_size)
 from .settings import non_negative, one_of, positive, require
 
@@ -219,7 +219,11 @@ def normalised_batches(data: ImageData, batch_size: int = 256, split: str = "tra
 def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: bool = True,
                   metrics_path: Path | None = None, workers: int | None = None) -> nn.Module:
     """Train a classifier on the real training split with a cosine schedule; ``metrics_path`` gets one JSON
-    line per epoch (mean loss, accuracy on the augmented training batches, learning rate, seconds)."""
+    line per epoch (mean loss, accuracy on the augmented training batches, learning rate, seconds).
+
+    Under torchrun every rank draws the same batches and augmentations (one seed) and trains on its rows of
+    each, DistributedDataParallel averaging the gradients: the step of one process with the whole batch, except
+    that on the CPU BatchNorm normalises each rank's rows by their own statistics (SyncBatchNorm on GPUs)."""
     gen = seed_everything(cfg.seed)
     c, h, _ = data.shape
     model = build_model(cfg.arch, data.num_classes, c, h, width=cfg.width, depth=cfg.depth,
@@ -232,6 +236,12 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adamw")
     if cfg.epochs == 0:  # a pretrained teacher used as it is
         return model.eval()
+    net = model  # what the steps run: under torchrun, DDP around the teacher
+    if world_size() > 1:
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            model = net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                                          drop_last=len(data.train) > cfg.batch_size,
                                          **loader_options(data.train, workers, device, cfg.epochs))
@@ -254,19 +264,21 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
             else:
                 flips = torch.rand(len(x), generator=gen) < 0.5 if data.flip else torch.zeros(len(x), dtype=torch.bool)
                 x = crop_flip(x, rrc_boxes(len(x), *x.shape[-2:], (0.08, 1.0), generator=gen), flips)
-            x, y = x.to(device), y.to(device)
-            logits = model(data.normalize(x))
+            mine = my_rows(len(y))  # this rank's rows of the batch (all of them in one process)
+            x, y = x[mine].to(device), y[mine].to(device)
+            logits = net(data.normalize(x))
             loss = nn.functional.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
+        sum_over_ranks([total])
         loss_sum, correct, n = total.tolist()
         history.append({"epoch": epoch, "loss": loss_sum / n, "train_top1": correct / n, "lr": sched.get_last_lr()[0],
                         "seconds": time.time() - start})
         bar.set_postfix(loss=f"{loss_sum / n:.3f}")
-        if metrics_path is not None:
+        if metrics_path is not None and is_main():
             write_metrics(metrics_path, history)
     return model.eval()
 
@@ -286,9 +298,19 @@ def measure_bn_statistics(model: nn.Module, data: ImageData, cfg: TeacherConfig,
 
 
 # what a run holds that was made from its teacher: replaced or removed with it
-MADE_FROM_TEACHER = ("teacher.safetensors", "bn_stats.safetensors", "squeeze.json", "teacher_metrics.jsonl",
-                     "summary.json", "frontier.json",
-                     "squeeze.stage.json", "recover", "labels", "students", "frontier", "figures")
+def made_from_teacher() -> tuple[str, ...]:
+    """Every file a run holds that came from its teacher, as glob patterns under the run: what ``restart``
+    removes (and nothing else, so the user's own files there stay)."""
+    from .recover import RECOVER_FILES
+    from .relabel import STORE_FILES
+    from .train import STUDENT_FILES
+
+    return (*SQUEEZE_FILES, "summary.json", "frontier.json", "*.stage.json", "**/stage.json",
+            "figures/*.png", *(f"recover/*/{f}" for f in RECOVER_FILES), *(f"labels/*/{f}" for f in STORE_FILES),
+            *(f"{d}/*/{f}" for d in ("students", "frontier") for f in STUDENT_FILES))
+
+
+SQUEEZE_FILES = ("teacher.safetensors", "bn_stats.safetensors", "squeeze.json", "teacher_metrics.jsonl")
 
 
 def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), device: str = "auto",
@@ -296,36 +318,49 @@ def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), devi
     """Train (or load) and save the teacher, its BN statistics and ``squeeze.json`` (last) under ``out_dir``.
 
     ``workers`` decode image files for every pass over real data (None: the cores but one, for folders).
-    A finished run there is refused, since its images, labels and students came from its teacher; with
-    ``restart`` they are removed first (the experiment runner does so when the squeeze settings change).
+    A finished run of the same data, settings and checkpoint is returned as it is; one of others is refused,
+    since its images, labels and students came from its teacher; with ``restart`` they are removed first
+    (the experiment runner does so when the squeeze settings change).
     """
-    out_dir, dev = Path(out_dir), resolve_device(device)
+    with claim(out_dir, "squeeze"):
+        return _squeeze(data, Path(out_dir), cfg, device, progress, teacher_checkpoint, restart, workers)
+
+
+def _squeeze(data: ImageData, out_dir: Path, cfg: TeacherConfig, device, progress, teacher_checkpoint, restart,
+             workers) -> dict:
+    dev = resolve_device(device)
     if cfg.epochs == 0 and not (cfg.pretrained or teacher_checkpoint):
         raise ValueError("teacher epochs=0 would keep an untrained teacher; train it (epochs >= 1), or start from "
                          "--pretrained weights or a teacher checkpoint")
-    if (out_dir / "squeeze.json").exists():
-        if not restart:
-            raise ValueError(f"{out_dir} already holds a squeezed run (squeeze.json); its images, labels and students "
-                             "were made from its teacher. Choose another --out, or pass --restart to replace the "
-                             "teacher and remove everything made from it")
+    intent = json_ready({"dataset": data.describe(), "settings": asdict(cfg), "teacher_checkpoint_sha256":
+                         file_sha256(teacher_checkpoint) if teacher_checkpoint else None})
+    if (out_dir / "squeeze.json").exists() and not restart:
+        done = read_json(out_dir / "squeeze.json")
+        if done.get("intent") == intent:
+            return done  # this very squeeze, finished: nothing rewritten
+        raise ValueError(f"{out_dir} already holds a squeezed run (squeeze.json) of other data or settings; its "
+                         "images, labels and students were made from its teacher. Choose another --out, or pass "
+                         "--restart to replace the teacher and remove everything made from it")
     barrier()  # every rank has seen the run as it was
     if (out_dir / "squeeze.json").exists() and is_main():
-        for name in MADE_FROM_TEACHER:
-            path = out_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        remove_own(out_dir, made_from_teacher())
     progress = progress and is_main()
     start = time.time()
     if teacher_checkpoint:
         model, spec = load_model(teacher_checkpoint, dev)
         if spec["num_classes"] != data.num_classes:
             raise ValueError(f"{teacher_checkpoint} has {spec['num_classes']} classes, the data {data.num_classes}")
+        if (spec["in_channels"], spec["image_size"]) != data.shape[:2]:
+            raise ValueError(f"{teacher_checkpoint} takes {spec['in_channels']}x{spec['image_size']}x"
+                             f"{spec['image_size']} images, the data is {'x'.join(map(str, data.shape))}; set "
+                             f"data.image_size: {spec['image_size']} (--image-size {spec['image_size']})")
         wants = load_tensors(teacher_checkpoint)[1].get("normalize")  # set by `dsutil import-teacher`
         if wants is not None and data.source.get("normalize") != wants:
             raise ValueError(f"{teacher_checkpoint} was trained on images normalised as {wants!r}, the data is "
                              f"normalised as {data.source.get('normalize') or 'its own default'}; set "
                              f"data.normalize: {wants} (--normalize {wants})")
         cfg = TeacherConfig(**{**asdict(cfg), "arch": spec["arch"], "epochs": 0})
-    elif is_main():  # one rank trains the teacher; the others wait for it
+    else:  # under torchrun every rank trains on its share of each batch
         model = train_teacher(data, cfg, dev, progress, out_dir / "teacher_metrics.jsonl", workers)
     train_seconds = time.time() - start
     c, h, _ = data.shape
@@ -341,7 +376,7 @@ def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), devi
     summary = {"dataset": data.describe(), "teacher": spec, "settings": asdict(cfg), "device": str(dev),
                "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
                "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],
-               "train_seconds": train_seconds, "seconds": time.time() - start}
+               "train_seconds": train_seconds, "seconds": time.time() - start, "intent": intent}
     if is_main():
         stats.save(out_dir / "bn_stats.safetensors")
         write_json(out_dir / "squeeze.json", summary)

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from .data import ImageData
 from .evaluate import evaluate
 from .dynamics import Dynamics, load_scores
-from .files import atomic_path, read_json, save_model, save_tensors, write_json, write_metrics
+from .files import atomic_path, claim, file_sha256, read_json, remove_own, save_model, save_tensors, write_json, write_metrics
 from .labels import (DYNAMICS_METRICS, PRUNE_METRICS, PRUNE_POOLS, LabelStore, LabelStoreError, check_prune_ratio,
-                     coverage, file_sha256, select_batches)
+                     coverage, select_batches)
 from .models import build_model
 from .image_store import ImageSet
 from .relabel import StepBatches
@@ -28,6 +28,7 @@ from .settings import non_negative, one_of, positive, require
 
 SCHEDULES = ("constant", "step", "cosine")
 DRAWS = ("cycle", "replacement")  # how student epochs draw from the kept pool (see batch_schedule)
+STUDENT_FILES = ("train.json", "student.safetensors", "metrics.jsonl", "dynamics.safetensors", "checkpoint.pt")
 CHECKPOINT_SECONDS = 120.0  # a student checkpoint at most this often (and after the last epoch)
 
 
@@ -92,6 +93,8 @@ class StudentConfig:
         for name in ("hard_epochs", "hard_weight"):
             require(0 <= getattr(self, name) <= 1, name, getattr(self, name), "a fraction in [0, 1]")
         check_prune_ratio(self.prune_ratio)
+        require(self.temperature_schedule != "cosine" or self.temperature_min <= self.temperature, "temperature_min",
+                self.temperature_min, f"at most temperature ({self.temperature}): the cosine schedule goes down to it")
         require(self.scores_from is None or self.metric in DYNAMICS_METRICS, "scores_from", self.scores_from,
                 f"unset, unless the metric is one of {', '.join(DYNAMICS_METRICS)}")
 
@@ -105,7 +108,8 @@ class StudentConfig:
         return t, self.student_temperature or t * self.temperature_ratio
 
     def hard_epoch_count(self, epochs: int) -> int:
-        return round(epochs * self.hard_epochs)
+        """The last epochs on hard labels: the fraction's whole epochs, rounded down (0.75 of 2 is 1)."""
+        return math.floor(epochs * self.hard_epochs + 1e-9)
 
 
 def batch_schedule(kept: list[tuple[int, int]], epochs: int, per_epoch: int, granularity: str,
@@ -193,6 +197,13 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     after every short epoch on a GPU; a crash loses at most that many seconds of training.
     A folder holding a run of other settings or inputs is refused, or cleared with ``restart``.
     """
+    with claim(out_dir, "train"):  # one writer at a time: a second one is refused, not interleaved
+        return _train_student(run_dir, store_path, cfg, Path(out_dir), device, progress, data, restart,
+                              keep_checkpoint, checkpoint_seconds)
+
+
+def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, device, progress, data, restart,
+                   keep_checkpoint, checkpoint_seconds) -> dict:
     from .data import load_from_source
     from .recover import load_squeezed
     from .relabel import RelabelConfig
@@ -229,7 +240,8 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     else:
         store.check_files()
         kept = select_batches(store, cfg.prune_ratio, cfg.metric, cfg.granularity, cfg.seed,
-                              load_scores(scores_file) if scores_file else None, cfg.pool)
+                              load_scores(scores_file, manifest["images_sha256"], len(images)) if scores_file else None,
+                              cfg.pool)
     require(cfg.warmup_epochs < epochs, "warmup_epochs", cfg.warmup_epochs, f"fewer than the {epochs} epochs")
     schedule = batch_schedule(kept, epochs, manifest["batches_per_epoch"], cfg.granularity, cfg.seed, cfg.draw)
     steps, step_epoch = [], []  # what each step reads, and the student epoch it belongs to
@@ -271,53 +283,55 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
     todo, todo_epoch = steps[first:], step_epoch[first:]
     batches = StepBatches(images, todo, fresh_cfg, store.path)  # one loader over every remaining step:
     batches = LoaderWait(DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev)))  # workers start once
-    bar = tqdm(total=len(todo), desc=f"student {out_dir.name}", disable=not progress)
-    model.train()
-    loss_sum, steps_done, waited = torch.zeros((), device=dev), 0, 0.0  # summed on the device: no host sync per step
-    for i, (x, target, index, y, y_partner, lam) in enumerate(batches):
-        epoch = todo_epoch[i]
-        t_teacher, t_student = cfg.temperatures(epoch, epochs)
-        mine = my_rows(len(index))  # under torchrun this rank's share of the batch; DDP averages the gradients
-        x, y, y_partner = (t[mine].to(dev, non_blocking=True) for t in (x, y, y_partner))
-        if cfg.online and epoch < soft_epochs:
-            with torch.no_grad():
-                target = gather_rows(teacher(x).float(), len(index))
-        elif target is not None:  # the stored logits of the whole batch, copied once for the loss and dynamics
-            target = target.to(dev, non_blocking=True)
-        out = model(x)
-        if epoch >= soft_epochs:
-            loss = hard_loss(out, y, y_partner, lam)
-        else:
-            loss = kd_loss(out, target[mine], t_teacher, cfg.kl_times_t2, t_student, target_kind)
-            dynamics.observe(index, gather_rows(out.detach(), len(index)), target, epoch)
-            if cfg.hard_weight:
-                loss = (1 - cfg.hard_weight) * loss + cfg.hard_weight * hard_loss(out, y, y_partner, lam)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.update()
-        loss_sum, steps_done = loss_sum + loss.detach(), steps_done + 1
-        if i + 1 == len(todo) or todo_epoch[i + 1] != epoch:  # end of a student epoch
-            sum_over_ranks([loss_sum])
-            history.append({"epoch": epoch, "loss": float(loss_sum) / steps_done / world_size(),
-                            "lr": sched.get_last_lr()[0],
-                            "temperature": t_teacher, "student_temperature": t_student,
-                            "labels": "hard" if epoch >= soft_epochs else "online" if cfg.online else "soft",
-                            "steps": steps_done, "seconds": time.time() - started,
-                            "loader_wait_seconds": batches.seconds - waited})
-            waited = batches.seconds
-            loss_sum, steps_done = torch.zeros((), device=dev), 0
-            bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
-            if is_main():
-                write_metrics(out_dir / "metrics.jsonl", history)
-                if epoch == epochs - 1 or time.time() - saved >= checkpoint_seconds:
-                    with atomic_path(ckpt) as tmp:
-                        torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "epoch": epoch, "fingerprint": fingerprint,
-                                    "dynamics": dynamics.state}, tmp)
-                    saved = time.time()
-    bar.close()
+    with tqdm(total=len(todo), desc=f"student {out_dir.name}", disable=not progress) as bar:  # closed on errors too
+        model.train()
+        loss_sum, steps_done, waited = torch.zeros((), device=dev), 0, 0.0  # summed on the device: no host sync per step
+        for i, (x, target, index, y, y_partner, lam) in enumerate(batches):
+            epoch = todo_epoch[i]
+            t_teacher, t_student = cfg.temperatures(epoch, epochs)
+            mine = my_rows(len(index))  # under torchrun this rank's share of the batch; DDP averages the gradients
+            x, y, y_partner = (t[mine].to(dev, non_blocking=True) for t in (x, y, y_partner))
+            if cfg.online and epoch < soft_epochs:
+                with torch.no_grad():
+                    target = gather_rows(teacher(x).float(), len(index))
+            elif target is not None:  # the stored logits of the whole batch, copied once for the loss and dynamics
+                target = target.to(dev, non_blocking=True)
+            out = model(x)
+            if epoch >= soft_epochs:
+                loss = hard_loss(out, y, y_partner, lam)
+            else:
+                loss = kd_loss(out, target[mine], t_teacher, cfg.kl_times_t2, t_student, target_kind)
+                dynamics.observe(index, gather_rows(out.detach(), len(index)), target, epoch)
+                if cfg.hard_weight:
+                    loss = (1 - cfg.hard_weight) * loss + cfg.hard_weight * hard_loss(out, y, y_partner, lam)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            loss_sum, steps_done = loss_sum + loss.detach(), steps_done + 1
+            if i + 1 == len(todo) or todo_epoch[i + 1] != epoch:  # end of a student epoch
+                sum_over_ranks([loss_sum])
+                if not math.isfinite(float(loss_sum)):  # diverged: stop before any weights of it are saved
+                    raise ValueError(f"student training diverged: the loss of epoch {epoch} is {float(loss_sum)} "
+                                     f"(lr={cfg.lr}, temperature={t_teacher}); lower the learning rate")
+                history.append({"epoch": epoch, "loss": float(loss_sum) / steps_done / world_size(),
+                                "lr": sched.get_last_lr()[0],
+                                "temperature": t_teacher, "student_temperature": t_student,
+                                "labels": "hard" if epoch >= soft_epochs else "online" if cfg.online else "soft",
+                                "steps": steps_done, "seconds": time.time() - started,
+                                "loader_wait_seconds": batches.seconds - waited})
+                waited = batches.seconds
+                loss_sum, steps_done = torch.zeros((), device=dev), 0
+                bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
+                if is_main():
+                    write_metrics(out_dir / "metrics.jsonl", history)
+                    if epoch == epochs - 1 or time.time() - saved >= checkpoint_seconds:
+                        with atomic_path(ckpt) as tmp:
+                            torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
+                                        "scheduler": sched.state_dict(), "epoch": epoch, "fingerprint": fingerprint,
+                                        "dynamics": dynamics.state}, tmp)
+                        saved = time.time()
     metrics = evaluate(student, data, "test", dev)  # under torchrun: each rank a share, gathered
     used = sorted({(e, b) for kind, e, b in steps if kind == "stored"})  # the labels this student needed
     result = {"settings": asdict(cfg), "epochs": epochs, "hard_epochs": epochs - soft_epochs,
@@ -329,7 +343,8 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
               "fingerprint": fingerprint}
     if is_main():
         save_model(out_dir / "student.safetensors", student, spec)
-        save_tensors(out_dir / "dynamics.safetensors", dynamics.scores(), {"early_epochs": dynamics.early_epochs})
+        save_tensors(out_dir / "dynamics.safetensors", dynamics.scores(), {"early_epochs": dynamics.early_epochs,
+                                                                             "images_sha256": manifest["images_sha256"]})
         write_json(out_dir / "train.json", result)  # last: the student is finished
         if not keep_checkpoint:
             ckpt.unlink()
@@ -351,8 +366,7 @@ def _claim(out_dir: Path, fingerprint: str, restart: bool) -> dict | None:
             return None  # an interrupted run of these settings: resume it
         raise ValueError(f"{out_dir} holds a student trained with other settings or labels ({held.name}); "
                          "choose another --out, or pass --restart to train from scratch there")
-    for name in ("train.json", "student.safetensors", "metrics.jsonl", "dynamics.safetensors", "checkpoint.pt"):
-        (out_dir / name).unlink(missing_ok=True)
+    remove_own(out_dir, STUDENT_FILES)
     return None
 
 

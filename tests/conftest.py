@@ -37,12 +37,13 @@ def copy_squeeze(mnist_run):
 
 @pytest.fixture(scope="session")
 def tiny_root():
-    """The shared Tiny-ImageNet folder, extracted once into the cache; tests skip (saying why) without it."""
+    """The shared Tiny-ImageNet folder with the first 10 classes extracted into the cache (the rest stays in
+    its zips); tests skip (saying why) without it."""
     from dsutil.data import SHARED_TINY, tiny_imagenet_root
 
     if not list(SHARED_TINY.glob("tiny-imagenet-200-*.zip")):
         pytest.skip(f"shared Tiny-ImageNet zips not found at {SHARED_TINY}")
-    return tiny_imagenet_root()
+    return tiny_imagenet_root(num_classes=10)
 
 
 @pytest.fixture(scope="module")

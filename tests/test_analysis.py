@@ -66,3 +66,23 @@ def test_bn_class_gaps_equal_loops_over_raw_activations():
         within = sum(sum(counts[c] * float(cv[layer][c, k]) for c in range(3)) / sum(counts) / float(gv[layer][k])
                      for k in range(shapes[layer])) / shapes[layer]
         assert float(got["between_fraction"][layer]) == pytest.approx(1 - within, rel=1e-9)
+
+
+def test_streamed_within_class_cosine_equals_the_mean_over_every_pair():
+    from dsutil.analysis import streamed_within_class_cosine, within_class_cosine
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(97, 12, generator=gen) + torch.randn(1, 12, generator=gen)  # correlated: cosines > 0
+    labels = torch.randint(0, 5, (97,), generator=gen)
+    labels[-1] = 7  # a class of one image: no pair, skipped
+    z = torch.nn.functional.normalize(features.double(), dim=1)
+    pair_means = []  # the reference: every distinct pair of each class, one at a time
+    for c in sorted(set(labels.tolist())):
+        idx = torch.nonzero(labels == c).flatten().tolist()
+        pairs = [float(z[i] @ z[j]) for a, i in enumerate(idx) for j in idx[a + 1:]]
+        if pairs:
+            pair_means.append(sum(pairs) / len(pairs))
+    want = sum(pair_means) / len(pair_means)
+    assert abs(within_class_cosine(features, labels) - want) < 1e-12
+    batches = [(features[a:a + 10], labels[a:a + 10]) for a in range(0, 97, 10)]  # any split gives the same
+    assert abs(streamed_within_class_cosine(batches) - want) < 1e-12

@@ -129,9 +129,15 @@ def test_tiny_cache_and_per_class(tiny, tiny_root):
 
 
 def test_tiny_needs_train_folders(tiny_root, tmp_path):
-    """The shared copy holds all 200 classes; a folder that lacks one a run needs is refused, naming it."""
+    """The shared zips hold all 200 classes, 500 training images each; a folder that lacks one a run needs is
+    refused, naming it."""
+    from dsutil.data import SHARED_TINY, _zip_parts
+
     wnids = sorted_wnids(tiny_root)
-    assert len(wnids) == 200 and all((tiny_root / "train" / w / "images").is_dir() for w in wnids)
+    held = {part: members for z in sorted(SHARED_TINY.glob("tiny-imagenet-200-train-*.zip"))
+            for part, members in _zip_parts(z).items() if part != "base"}
+    assert len(wnids) == 200 and sorted(held) == [f"train/{w}" for w in wnids]
+    assert {len([m for m in members if m.endswith(".JPEG")]) for members in held.values()} == {500}
     root = tiny_tree(tmp_path, ["a", "b", "c"], ["a", "c"])
     with pytest.raises(DatasetError, match="train/b does not exist but num_classes=3 needs it"):
         tiny_imagenet(root, num_classes=3)
@@ -210,6 +216,21 @@ def test_tiny_shared_zips_extracted_again_when_more_come(tmp_path, monkeypatch):
     zip_folder(shared / "tiny-imagenet-200-train-1.zip", src, "train/b")
     assert tiny_imagenet().classes == ["a", "b"]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tiny-imagenet-200"]
+
+
+def test_tiny_extracts_only_the_classes_a_run_needs(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSUTIL_CACHE", str(tmp_path / "cache"))
+    data = tiny_imagenet(num_classes=2)
+    root = tmp_path / "cache" / "tiny-imagenet-200"
+    assert sorted(p.name for p in (root / "train").iterdir()) == sorted_wnids(tiny_root)[:2] == data.classes
+    assert len(list((root / "val" / "images").glob("*.JPEG"))) == 10_000 and len(data.train) == 1000
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tiny-imagenet-200"]  # no temp folders left
+    def stamps():  # each extracted part's marker, written when it was renamed into place
+        return {p: p.stat().st_mtime_ns for p in [*root.rglob(".dsutil-zip"), *root.glob(".dsutil-base-*")]}
+    before = stamps()
+    assert len(before) == 4  # the val zip's wnids/val parts, and two classes
+    assert tiny_imagenet(num_classes=1).classes == data.classes[:1]
+    assert stamps() == before  # nothing extracted again
 
 
 def test_unknown_dataset():

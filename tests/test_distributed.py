@@ -145,3 +145,49 @@ def test_a_student_over_two_ranks_matches_one_process_and_is_evaluated(runs):
     bn, lines = read_json(bn2 / "train.json"), (bn2 / "metrics.jsonl").read_text().splitlines()
     assert 1 <= done < 100 and len(lines) == 100 and lines[:done] == before  # kept, with their times
     assert bn["ranks"] == 2 and 0.1 < bn["test_top1"] <= 1 and not (bn2 / "checkpoint.pt").exists()
+
+
+def test_the_teacher_trains_over_two_ranks_as_rank_arithmetic_predicts(tmp_path):
+    """Two gloo ranks each train on their rows (0::2, 1::2) of every batch, DDP averaging the gradients. The
+    one-process reference does the same arithmetic: the mean of the two halves' losses, each half through
+    BatchNorm alone (per-rank statistics on the CPU), and rank 0's BN running statistics (DDP broadcasts them)."""
+    from dsutil.augment import random_shift_flip
+    from dsutil.data import load_dataset
+    from dsutil.files import load_model
+    from dsutil.models import build_model
+    from dsutil.runtime import seed_everything
+    from dsutil.squeeze import TeacherConfig, train_teacher
+
+    args = ["--dataset", "mnist5k", "--num-classes", "3", "--per-class", "40", "--epochs", "2", "--width", "8",
+            "--depth", "2", "--batch-size", "16", "--device", "cpu"]
+    dsutil("squeeze", *args, "--out", tmp_path / "two", ranks=2)
+    two, _ = load_model(tmp_path / "two" / "teacher.safetensors")
+    lines = (tmp_path / "two" / "teacher_metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and read_json(tmp_path / "two" / "squeeze.json")["teacher"]["width"] == 8
+
+    data = load_dataset("mnist5k", num_classes=3, per_class=40)
+    cfg = TeacherConfig(epochs=2, width=8, depth=2, batch_size=16)
+    gen = seed_everything(cfg.seed)
+    model = build_model(cfg.arch, 3, 1, 28, width=8, depth=2)
+    opt = torch.optim.SGD(model.parameters(), cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=16, shuffle=True, generator=gen, drop_last=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=2 * len(loader), pct_start=0.15,
+                                                anneal_strategy="cos")
+    model.train()
+    for _ in range(2):
+        for x, y in loader:
+            x = data.normalize(random_shift_flip(x.float() / 255, cfg.shift, data.flip, gen))
+            start = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+            opt.zero_grad()
+            (torch.nn.functional.cross_entropy(model(x[0::2]), y[0::2]) / 2).backward()
+            rank0 = {k: v.clone() for k, v in model.state_dict().items() if k in start}
+            model.load_state_dict(start, strict=False)  # rank 1 starts from rank 0's buffers...
+            (torch.nn.functional.cross_entropy(model(x[1::2]), y[1::2]) / 2).backward()  # gradients: the mean
+            model.load_state_dict(rank0, strict=False)  # ...and its own updates are overwritten
+            opt.step()
+            sched.step()
+    one = train_teacher(data, cfg, "cpu", progress=False).state_dict()  # one process: BN over the whole batch
+    gaps = {k: (float((two.state_dict()[k] - v).abs().max()), float((one[k] - two.state_dict()[k]).abs().max()))
+            for k, v in model.state_dict().items() if v.is_floating_point()}
+    assert all(to_arithmetic < 1e-3 for to_arithmetic, _ in gaps.values()), gaps  # float32 sums in another order
+    assert sum(a for a, _ in gaps.values()) * 20 < sum(b for _, b in gaps.values()), gaps  # not just any teacher

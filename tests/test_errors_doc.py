@@ -19,3 +19,12 @@ def test_every_bad_setting_of_the_suite_is_in_the_table():
     doc = (ROOT / "docs" / "errors.md").read_text()
     rows = re.findall(r"^\| `--set (.+?)` \| `(.+?)` \|$", doc, re.M)
     assert rows == BAD_SETTINGS
+
+
+def test_the_count_at_the_top_is_the_count_of_rows():
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    settings = len(re.findall(r"^\| `--set ", doc, re.M))
+    others = len(re.findall(r"^\| (?!`--set |mistake |setting |--- )", doc, re.M))
+    assert f"{settings} settings and {others} other cases: {settings + others} in all" in doc
+    readme = (ROOT / "README.md").read_text()
+    assert f"the {settings + others} mistakes and failures dsutil handles" in " ".join(readme.split())

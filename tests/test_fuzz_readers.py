@@ -1,9 +1,12 @@
 """Random and mutated manifests, safetensors files and checkpoints fed to every reader: each raises dsutil's own
 clear error (ValueError and its LabelStoreError/SettingError kinds, naming the file), never another exception,
-a crash or a hang, and never runs code."""
+a crash or a hang, and never runs code. Presets and image files too: random and mutated YAML, sections of any
+type, images of every mode, bit depth and format, damaged or random bytes."""
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -138,3 +141,84 @@ def test_any_json_document_as_a_manifest(tmp_path_factory, doc):
     store.mkdir()
     (store / "manifest.json").write_text(json.dumps(doc))
     expect_clear_error(lambda: LabelStore(store), store / "manifest.json")
+
+
+# --- presets and image files: what users hand in ---------------------------------------------------------------
+
+PRESET = (Path(__file__).resolve().parents[1] / "configs" / "mnist5k.yaml").read_text()
+SECTIONS = ["data", "teacher", "recover", "relabel", "student", "frontier", "quick", "methods", "prune_ratios",
+            "seeds", "method_overrides", "name"]
+
+
+def load_preset(path):
+    from dsutil.config import load_config
+
+    load_config(path)
+    load_config(path, quick=True)
+
+
+@FUZZ
+@given(edits=EDITS)
+def test_mutated_presets(tmp_path_factory, edits):
+    path = tmp_path_factory.mktemp("y") / "preset.yaml"
+    path.write_bytes(mutate(PRESET.encode(), edits))
+    expect_clear_error(lambda: load_preset(path), path)
+
+
+@FUZZ
+@given(section=st.sampled_from(SECTIONS), value=JSON)
+def test_presets_with_a_section_of_any_value(tmp_path_factory, section, value):
+    import yaml
+
+    path = tmp_path_factory.mktemp("v") / "preset.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(PRESET) | {section: value}))
+    expect_clear_error(lambda: load_preset(path), path)
+
+
+@FUZZ
+@given(doc=JSON | st.text(max_size=200))
+def test_any_yaml_document_as_a_preset(tmp_path_factory, doc):
+    import yaml
+
+    path = tmp_path_factory.mktemp("a") / "preset.yaml"
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    expect_clear_error(lambda: load_preset(path), path)
+
+
+MODES = ["1", "L", "P", "LA", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]
+
+
+def check_decoded(path):
+    from dsutil.data import decode_image
+
+    for mode in ("RGB", "L"):
+        im = decode_image(path, mode)
+        assert im.mode == mode and np.asarray(im).dtype == np.uint8
+
+
+@FUZZ
+@given(mode=st.sampled_from(MODES), fmt=st.sampled_from(["PNG", "TIFF", "JPEG", "GIF", "BMP", "WEBP"]),
+       size=st.tuples(st.integers(1, 40), st.integers(1, 40)), seed=st.integers(0, 2**16), edits=EDITS,
+       mutated=st.booleans())
+def test_image_files_of_any_mode_format_and_damage(tmp_path_factory, mode, fmt, size, seed, edits, mutated):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path = tmp_path_factory.mktemp("img") / f"x.{fmt.lower()}"
+    base = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    im = Image.fromarray(rng.integers(0, 65536, size[::-1], dtype=np.uint16)) if mode == "I;16" else base.convert(mode)
+    try:
+        im.save(path, format=fmt)
+    except (OSError, ValueError, KeyError):  # a mode this format cannot hold
+        return
+    if mutated:
+        path.write_bytes(mutate(path.read_bytes(), edits))
+    expect_clear_error(lambda: check_decoded(path), path)
+
+
+@FUZZ
+@given(data=st.binary(max_size=400), suffix=st.sampled_from([".png", ".jpg", ".tif", ".gif"]))
+def test_random_bytes_as_an_image_file(tmp_path_factory, data, suffix):
+    path = tmp_path_factory.mktemp("b") / f"x{suffix}"
+    path.write_bytes(data)
+    expect_clear_error(lambda: check_decoded(path), path)

@@ -145,3 +145,54 @@ def test_settings_added_later_change_the_hash_only_when_set():
     assert settings_hash(base, ["u"]) == settings_hash(before, ["u"])
     assert settings_hash(asdict(replace(StudentConfig(), hard_epochs=0.5)), ["u"]) != settings_hash(base, ["u"])
     assert settings_hash(base, ["v"]) != settings_hash(base, ["u"])
+
+
+def test_run_on_an_image_folder_streams_every_analysis_and_fills_the_summary(tmp_path):
+    """An ImageFolder run with the real images' cosine on a seeded sample per class: every number of
+    summary.json is there, and the streamed cosine equals every pair of the sample, one at a time."""
+    import torch
+
+    from dsutil.analysis import pairwise_cosines
+    from dsutil.models import penultimate_features
+    from dsutil.recover import load_squeezed
+    from dsutil.runner import per_class_sample
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("val", 6)):
+        for c in range(4):
+            for k in range(n):
+                path = tmp_path / "data" / split / f"class{c}" / f"{k}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                base = np.zeros((20, 20, 3), np.uint8)
+                base[..., c % 3] = 60 * (c + 1)
+                Image.fromarray((base + rng.integers(0, 80, base.shape)).astype(np.uint8)).save(path)
+    (tmp_path / "p.yaml").write_text(f"""name: folder
+data: {{dataset: imagefolder, root: {tmp_path / 'data'}, image_size: 16}}
+teacher: {{epochs: 1, width: 8, depth: 2, batch_size: 32}}
+methods: [lpld, real]
+recover: {{ipc: 2, iterations: 2, batch_images: 8}}
+relabel: {{epochs: 2, batch_size: 4}}
+student: {{width: 8, depth: 2}}
+prune_ratios: [0.0, 0.5]
+cosine_per_class: 5
+device: cpu
+""")
+    summary = run_experiment(load_config(tmp_path / "p.yaml"), tmp_path / "run", progress=False)
+
+    def numbers(obj, where=""):
+        if isinstance(obj, dict):
+            return [n for k, v in obj.items() if k != "settings" for n in numbers(v, f"{where}.{k}")]
+        if isinstance(obj, list):
+            return [n for i, v in enumerate(obj) for n in numbers(v, f"{where}[{i}]")]
+        return [(where, obj)]
+    missing = [w for w, v in numbers(summary) if v is None and not w.endswith("_std")]  # one seed: no spread
+    assert missing == [] and summary["real_within_class_cosine_images"] == 4 * 5
+    teacher, _, _, info = load_squeezed(tmp_path / "run")
+    data = load_config(tmp_path / "p.yaml").data.load()
+    idx = per_class_sample(data.train.targets, 5, 0)
+    assert len(idx) == 20 and idx == per_class_sample(data.train.targets, 5, 0)
+    x = torch.stack([data.normalize(data.train[i][0]) for i in idx])
+    per_class = pairwise_cosines(penultimate_features(teacher, x), data.train.targets[idx])
+    want = float(torch.stack([v.mean() for v in per_class.values()]).mean())
+    assert abs(summary["real_within_class_cosine"] - want) < 1e-6
+    assert "cosine" in summary_table(summary)

@@ -72,6 +72,9 @@ BAD_SETTINGS = [  # (--set key=value, the words the error must show)
     ("frontier.methods=[real]", "frontier.methods='real'"),
     ("frontier.topk=[2]", "frontier topk=[2]"),
     ("frontier.policies={constant: {}, hot: {temperature: 0}}", "policy 'hot': temperature=0.0"),
+    ("student.lr=.inf", "lr=inf: expected a finite number"),
+    ("teacher.lr=.nan", "lr=nan: expected a finite number"),
+    ("student.lr.x=1", "student.lr is a value, not a section"),
 ]
 
 
