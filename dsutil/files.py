@@ -164,20 +164,19 @@ def load_model(path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
 TEMPORARY = ".*.tmp"  # what atomic_path leaves when a process dies inside it
 
 
-def remove_own(folder, patterns) -> list[Path]:
+def remove_own(folder, patterns) -> None:
     """Remove the files of ``folder`` that dsutil writes there (glob ``patterns``, its temporary files too) and
-    the folders they leave empty; every other file stays. Returns the files left, the user's own."""
+    the folders left empty; every other file stays."""
     folder = Path(folder)
     if not folder.is_dir():
-        return []
-    for pattern in (*patterns, TEMPORARY):
+        return
+    for pattern in (*patterns, TEMPORARY, f"**/{TEMPORARY}"):
         for path in folder.glob(pattern):
             if path.is_file() or path.is_symlink():
                 path.unlink()
     for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         if not any(sub.iterdir()):
             sub.rmdir()
-    return sorted(p for p in folder.rglob("*") if not p.is_dir())
 
 
 LOCK = ".dsutil.lock"  # in a folder one dsutil process is writing: its pid, host and command
@@ -216,7 +215,7 @@ def claim(folder, what: str):
     created = [d for d in (folder, *folder.parents) if not d.exists()]  # made here, removed again if left empty
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:1] + sys.argv[1:4])}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:4])}
     for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

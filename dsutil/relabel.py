@@ -263,17 +263,18 @@ def _relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path, device, progres
     batches = StepBatches(images, steps, cfg)
     loader = LoaderWait(DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev)))
     done: list[BatchRecord] = []
-    for i, (x, *_) in enumerate(tqdm(loader, desc="relabel", disable=not progress, total=len(steps))):
-        epoch, batch = steps[i][1:]
-        if not done:
-            records = {r.batch: r for r in epoch_records(n, hw, cfg, epoch)}
-        with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.teacher_bf16):
-            records[batch].logits = teacher(x.to(dev, non_blocking=True)).float()  # to the host per epoch:
-        done.append(records[batch])  # no wait for the device per batch
-        if i + 1 == len(steps) or steps[i + 1][1] != epoch:  # the epoch's last batch: write its file
-            write_epoch(out / f"epoch{epoch:05d}.safetensors", done, spec["num_classes"], cfg.dtype, cfg.topk,
-                        cfg.topk_fill, cfg.topk_temperature)
-            done = []
+    with tqdm(loader, desc="relabel", disable=not progress, total=len(steps)) as bar:  # closed on errors too
+        for i, (x, *_) in enumerate(bar):
+            epoch, batch = steps[i][1:]
+            if not done:
+                records = {r.batch: r for r in epoch_records(n, hw, cfg, epoch)}
+            with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.teacher_bf16):
+                records[batch].logits = teacher(x.to(dev, non_blocking=True)).float()  # to the host per epoch:
+            done.append(records[batch])  # no wait for the device per batch
+            if i + 1 == len(steps) or steps[i + 1][1] != epoch:  # the epoch's last batch: write its file
+                write_epoch(out / f"epoch{epoch:05d}.safetensors", done, spec["num_classes"], cfg.dtype, cfg.topk,
+                            cfg.topk_fill, cfg.topk_temperature)
+                done = []
     barrier()  # every rank's epoch files are written
     present = {e: b for e, b in present.items() if b}
     manifest = {"format_version": FORMAT_VERSION, "classes": images.classes, "teacher": spec,

@@ -31,7 +31,7 @@ def test_committed_notebook_has_no_outputs(path):
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} is saved with outputs"
-    assert nb.cells[1].source.startswith("import os\nPRESET = os.environ.get(\"DSUTIL_PRESET\", \"mnist5k\")")
+    assert nb.cells[1].source.startswith("import os\nPRESET = os.environ.get(\"DSUTIL_PRESET\") or \"mnist5k\"")
 
 
 @pytest.fixture(scope="module", params=["mnist5k", "tiny-imagenet-10"])

@@ -40,7 +40,7 @@ def test_lpld_images_are_more_diverse_than_sre2l(copy_squeeze, tmp_path):
     teacher, *_ = load_squeezed(run)
     cos = {}
     for method in ("sre2l", "lpld"):
-        summary = recover(run, RecoverConfig(method=method, ipc=10, iterations=300, r_bn=0.1), device="cpu", progress=False)
+        summary = recover(run, RecoverConfig(method=method, ipc=10, iterations=150, r_bn=0.1), device="cpu", progress=False)
         assert summary["teacher_top1_on_images"] >= 0.95
         x, y, meta = load_images(recover_dir(run, method, 10))
         assert x.shape == (100, 1, 28, 28) and meta["classes"] == [str(c) for c in range(10)]
