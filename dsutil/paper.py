@@ -1,4 +1,4 @@
-"""Reference numbers from the paper, as plain dicts (DESIGN.md section 3).
+"""Reference numbers from the paper, as plain dicts (its tables and official scripts).
 
 Source: Xiao and He, "Are Large-Scale Soft Labels Necessary for Large-Scale
 Dataset Distillation?", NeurIPS 2024 (LPLD): the table of ResNet-18 student
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 GB, MB = 2**30, 2**20  # the paper's "GB"/"MB" read as binary units (closest match on ImageNet-1K)
 
-# the relabel settings the paper's storage numbers belong to (DESIGN.md section 3, official scripts)
+# the relabel settings the paper's storage numbers belong to (the official scripts)
 SETTINGS = {
     "imagenet1k": {"classes": 1000, "epochs": 300, "batch_size": {"full": 1024, "lpld_40x": 128},
                    "image_size": 224},
     "tiny-imagenet": {"classes": 200, "epochs": 100, "batch_size": {"full": 64, "lpld_40x": 64}, "image_size": 64},
     "imagenet21k-p": {"classes": 10_450, "epochs": 300, "batch_size": {"full": 1024, "lpld_40x": 128},
-                      "image_size": 224},  # epochs/batch not given in DESIGN.md: assumed as for ImageNet-1K
+                      "image_size": 224},  # epochs/batch not given by the paper: assumed as for ImageNet-1K
 }
 
 PRUNE_RATIO_40X = 0.975  # keep 1 of every 40 label batches
@@ -72,5 +72,5 @@ LPQLD = {
 ANCHORS = {"cda_ipc50": 53.5, "rded_ipc10": 42.0, "rded_ipc50": 56.5, "gvbsm_ipc50": 51.8,
            "random_real_relabelled_ipc50": 48.0}
 
-# "about 113 GB of labels for 3 GB of images" (ImageNet-1K, IPC 200; DESIGN.md section 1)
+# "about 113 GB of labels for 3 GB of images" (ImageNet-1K, IPC 200; the paper's introduction)
 IMAGES_IPC200_IMAGENET1K_GB = 3.0

@@ -1,6 +1,6 @@
 """Recover: synthesise images by matching a teacher's BatchNorm statistics.
 
-Two independent choices make a method (DESIGN.md section 2):
+Two independent choices make a method (LPLD against SRe2L, as the paper contrasts them):
 
 * grouping: ``cross-class`` groups hold one image of each class of a chunk of
   classes (SRe2L); ``class`` groups hold the IPC images of one class (LPLD);
