@@ -128,7 +128,7 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
                            "label_bytes_full": LabelStore(store).kept_bytes(LabelStore(store).keys()),
                            "label_bytes_on_disk": LabelStore(store).disk_bytes(),
                            "students": students}
-    real_cos, real_count = real_within_class_cosine(teacher, data, cfg.cosine_per_class, cfg.data.seed, cfg.device)
+    real_cos, real_count = real_within_class_cosine(teacher, data, cfg.cosine_per_class, cfg.data.seed)
     summary = {"name": cfg.name, "dataset": cfg.data.dataset, "classes": data.classes, "teacher": {"arch": spec["arch"], "test_top1": info["test_top1"]},
                "real_within_class_cosine": real_cos, "real_within_class_cosine_images": real_count,
                "methods": methods, "settings": cfg.to_dict(),
@@ -155,22 +155,26 @@ def per_class_sample(targets: torch.Tensor, per_class: int | None, seed: int) ->
     return sorted(picked)
 
 
-def real_within_class_cosine(teacher, data, per_class: int | None, seed: int, device: str = "auto",
-                             batch_size: int = 256) -> tuple[float, int]:
-    """The teacher's within-class cosine of the real training images (all, or a seeded sample per class) and
-    the number of images it saw: streamed through the teacher in batches decoded by loader workers, so the
-    memory holds a batch and one feature sum per class, whatever the size of the training set."""
+def real_feature_batches(teacher, data, index: list[int], batch_size: int = 256):
+    """``(features, labels)`` of the real training images ``index``, a batch at a time: decoded by loader
+    workers, normalised and passed through the teacher on its device."""
     from torch.utils.data import DataLoader, Subset
 
-    from .data import train_targets
     from .runtime import loader_options
 
     dev = next(teacher.parameters()).device
+    loader = DataLoader(Subset(data.train, index), batch_size=batch_size, **loader_options(data.train, None, dev))
+    return feature_batches(teacher, ((data.normalize(x.to(dev)), y) for x, y in loader))
+
+
+def real_within_class_cosine(teacher, data, per_class: int | None, seed: int) -> tuple[float, int]:
+    """The teacher's within-class cosine of the real training images (all, or a seeded sample per class) and
+    the number of images it saw, streamed: the memory holds a batch and one feature sum per class, whatever
+    the size of the training set."""
+    from .data import train_targets
+
     idx = per_class_sample(train_targets(data.train), per_class, seed)
-    loader = DataLoader(Subset(data.train, idx), batch_size=batch_size,
-                        **loader_options(data.train, None, dev))
-    batches = ((data.normalize(x.to(dev)), y) for x, y in loader)
-    return streamed_within_class_cosine(feature_batches(teacher, batches)), len(idx)
+    return streamed_within_class_cosine(real_feature_batches(teacher, data, idx)), len(idx)
 
 
 def check_class_count(cfg: ExperimentConfig, num_classes: int) -> None:
