@@ -159,7 +159,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: the base loader names it below
+                continue
+            if repeated:
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice in one mapping; "
                                                         "keep one (YAML would silently keep the last)",
                                                         key_node.start_mark)

@@ -175,6 +175,7 @@ def test_run_with_topk_above_the_class_count_stops_before_the_teacher(tmp_path, 
     ("a: &a [x, x, x, x]\nb: &b [*a, *a, *a, *a]\n" + "".join(f"c{i}: [*b, *b, *b, *b]\n" for i in range(40)),
      "YAML aliases"),
     ("data: {dataset: mnist5k\n", "is not valid YAML"),
+    ("? [a, b]\n: 1\n", "is not valid YAML"),  # an unhashable key
     ("- 1\n- 2\n", "expected a mapping of settings"),
 ])
 def test_a_bad_preset_file_is_one_clean_error(text, words, tmp_path, capsys):
