@@ -94,7 +94,7 @@ def recorded_seconds(run: Path) -> dict[str, float]:
     students = [name.split(" ", 1)[1] for name in summary["stage_seconds"] if name.startswith("student ")]
     return {"squeeze": read(run / "squeeze.json")["seconds"],
             "recover": sum(read(run / "recover" / m / "recover.json")["seconds_this_process"] for m in methods),
-            "relabel": sum(read(run / "labels" / m / "manifest.json")["seconds"] for m in methods),
+            "relabel": sum(read(run / "labels" / m / "timing.json")["seconds"] for m in methods),
             "student": sum(read(run / "students" / s / "train.json")["seconds"] for s in students)}
 
 

@@ -43,6 +43,7 @@ def make_run(work: Path, n: int, device: torch.device) -> tuple[Path, Path]:
     """A run whose teacher is an untrained ResNet-18 (squeezed over a 400-image synthetic folder) and a
     synthetic distilled set of ``n`` uint8 images in RUN/recover/syn{n}."""
     from bench_scale import make_folder
+
     from dsutil.data import load_dataset
     from dsutil.files import save_model
     from dsutil.image_store import write_image_set
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
         store = run / "labels" / f"w{w}"
         shutil.rmtree(store, ignore_errors=True)
         relabel(run, images, cfg, out=store, device=str(device), progress=False, workers=w)
-        m = LabelStore(store).manifest
+        m = LabelStore(store).manifest | json.loads((store / "timing.json").read_text())  # seconds, loader wait
         steps = m["epochs"] * m["batches_per_epoch"]
         student = run / "students" / f"w{w}"
         shutil.rmtree(student, ignore_errors=True)

@@ -34,7 +34,7 @@ def stages(run_dir: Path, n: int, env: dict) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
     relabel = run(["relabel", "--run", str(run_dir), "--images", str(run_dir / "recover" / f"syn{n}"), "--epochs", "1",
                    "--batch-size", str(BATCH), "--workers", "0", "--out", str(store), "--device", "cpu"], env)
-    relabel["stage_seconds"] = json.loads((store / "manifest.json").read_text())["seconds"]
+    relabel["stage_seconds"] = json.loads((store / "timing.json").read_text())["seconds"]
     train = run(["train", "--run", str(run_dir), "--labels", str(store), "--epochs", "1", "--out", str(student),
                  "--device", "cpu"], env)
     train["stage_seconds"] = json.loads((student / "metrics.jsonl").read_text().splitlines()[0])["seconds"]

@@ -163,7 +163,7 @@ def main() -> None:
             row[f"relabel_w{w}"] = run(["relabel", "--run", str(run_dir), "--images", str(run_dir / "recover" / name),
                                         "--epochs", "1", "--batch-size", str(BATCH), "--workers", str(w), "--out",
                                         str(store), "--device", "cpu"])
-            seconds = json.loads((store / "manifest.json").read_text())["seconds"]
+            seconds = json.loads((store / "timing.json").read_text())["seconds"]
             row[f"relabel_w{w}"] |= {"stage_seconds": seconds, "img_per_s": n / seconds,
                                      "over_bare": n / seconds / row[f"bare_forward_img_per_s_w{w}"]}
         student = run_dir / "students" / name

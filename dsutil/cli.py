@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-
 
 RUN_HELP = ("run directory with squeeze outputs (under torchrun write --run-dir: torchrun reads --run as its own "
             "--run-path)")
@@ -52,7 +52,8 @@ def cmd_squeeze(args) -> None:
 
 
 def cmd_recover(args) -> None:
-    from .recover import RecoverConfig, load_squeezed, parse_classes, recover
+    from .recover import RecoverConfig, parse_classes, recover
+    from .squeeze import load_squeezed
 
     cfg = RecoverConfig(**{k: v for k, v in vars(args).items() if k in RecoverConfig.__dataclass_fields__
                            and v is not None})
@@ -380,17 +381,21 @@ def user_message(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; under torchrun every rank runs it, and only rank 0 prints."""
+    import matplotlib
+
     from .files import check_tensorboard
     from .runtime import fix_mmap_threshold, is_main, start_ranks, stop_ranks
 
+    matplotlib.use("Agg")  # a command draws into files only, on machines with or without a display
     args = build_parser().parse_args(argv)
     try:
         start_ranks()
-        if not is_main():
-            sys.stdout = open(os.devnull, "w")
-        fix_mmap_threshold()
-        check_tensorboard()
-        args.func(args)
+        with contextlib.ExitStack() as quiet:  # only rank 0 prints; the others' stdout is closed on the way out
+            if not is_main():
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+            fix_mmap_threshold()
+            check_tensorboard()
+            args.func(args)
     except (ValueError, OSError) as e:  # bad input, settings or files; anything else keeps its traceback
         print(f"dsutil {args.command}: error: {user_message(e)}", file=sys.stderr)
         return 2

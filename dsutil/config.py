@@ -10,15 +10,43 @@ from pathlib import Path
 
 import yaml
 
-from .frontier import FrontierConfig
-from .recover import METHODS, REAL, RecoverConfig
 from .labels import PRUNE_METRICS
+from .recover import METHODS, REAL, RecoverConfig
 from .relabel import RelabelConfig
 from .settings import build, one_of, require
 from .squeeze import TeacherConfig
 from .train import StudentConfig
 
 PRESETS = Path(__file__).with_name("configs")
+
+
+@dataclass
+class FrontierConfig:
+    """`dsutil frontier` (dsutil.frontier): the label budgets trained beyond pruning alone."""
+    methods: list[str] = field(default_factory=lambda: ["lpld", "sre2l"])
+    prune_ratios: list[float] = field(default_factory=lambda: [0.975, 0.9875, 0.995])  # the full grid's ratios
+    curve_ratios: list[float] = field(default_factory=lambda: [0.0, 0.9])  # pruning alone only, for the curve
+    topk: list[int | None] = field(default_factory=lambda: [None, 2])  # None: every logit
+    topk_fill: str = "mass"
+    policies: dict[str, dict] = field(default_factory=lambda: {"constant": {}})  # name: student settings changed
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+
+    def __post_init__(self):
+        require("constant" in self.policies and not self.policies["constant"], "policies", self.policies,
+                "a 'constant' policy with no changes (the pruning-alone baseline)")
+        for name, changes in self.policies.items():
+            build(StudentConfig, changes, f"frontier policy {name!r}")
+        for r in self.prune_ratios + self.curve_ratios:
+            require(0 <= r < 1, "frontier ratios", r, "ratios in [0, 1)")
+        for k in self.topk:
+            require(k is None or k >= 1, "frontier topk", k, "null (every logit) or 1 or more")
+        require(None in self.topk, "frontier topk", self.topk, "a list that holds null (the full labels)")
+        require(len(set(self.seeds)) == len(self.seeds) > 0, "frontier seeds", self.seeds, "distinct integers")
+
+    def settings(self) -> list[tuple[float, int | None, str]]:
+        """Every (prune ratio, top-k, policy) trained: the full grid, plus pruning alone on the curve."""
+        grid = [(r, k, p) for r in self.prune_ratios for k in self.topk for p in self.policies]
+        return [(r, None, "constant") for r in self.curve_ratios if r not in self.prune_ratios] + grid
 
 
 @dataclass
@@ -107,12 +135,28 @@ class ExperimentConfig:
         return asdict(self)
 
 
+SECTIONS = {"data": DataConfig, "teacher": TeacherConfig, "recover": RecoverConfig, "relabel": RelabelConfig,
+            "student": StudentConfig, "frontier": FrontierConfig}
+
+
+def settings_reference() -> str:
+    """docs/settings-reference.md, made from the dataclasses themselves (their fields, types, defaults and
+    trailing comments), so a new setting is documented by writing it."""
+    from .settings import reference_rows
+
+    head = ["# Settings reference", "", "Made by `python -m dsutil.config` from the settings dataclasses (a test keeps "
+            "it current); what each section does: `docs/settings.md`.", ""]
+    table = ["| key | type | default | note |", "| --- | --- | --- | --- |"]
+    out = head + ["## top level", "", *table, *reference_rows(ExperimentConfig)]
+    for name, cls in SECTIONS.items():
+        out += ["", f"## {name}", "", *table, *reference_rows(cls, f"{name}.")]
+    return "\n".join(out) + "\n"
+
+
 def from_dict(d: dict, where: str = "config") -> ExperimentConfig:
     """An experiment from nested settings, every value typed and checked (:func:`dsutil.settings.build`)."""
     d = dict(d)
-    sections = {"data": DataConfig, "teacher": TeacherConfig, "recover": RecoverConfig,
-                "relabel": RelabelConfig, "student": StudentConfig, "frontier": FrontierConfig}
-    for key, cls in sections.items():
+    for key, cls in SECTIONS.items():
         if key in d and (d[key] is not None or key != "frontier"):  # an empty section: its defaults
             d[key] = build(cls, d[key], f"{where}: {key}")
     return build(ExperimentConfig, d, where)
@@ -186,3 +230,7 @@ def read_yaml(path: Path) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping of settings (data:, teacher:, ...), got {type(d).__name__}")
     return d
+
+
+if __name__ == "__main__":
+    print(settings_reference(), end="")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from torch.utils.data import Dataset, Subset
 DATASETS = ("mnist5k", "tiny-imagenet", "imagefolder", "cifar10", "cifar100")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-TINY_CACHE_VERSION = 1  # bump when decoding changes, so stale .npy caches are not read
 
 # Shared copy of Tiny-ImageNet in this workplace; users pass --data-root instead.
 SHARED_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"
@@ -160,7 +158,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, num_classe
     if name == "mnist5k":
         data = mnist5k(seed=seed)
     elif name == "tiny-imagenet":
-        data = tiny_imagenet(root, num_classes=num_classes, per_class=per_class)
+        data = tiny_imagenet(root, num_classes=num_classes, per_class=per_class, image_size=image_size)
     elif name == "imagefolder":
         data = image_folder(root, image_size=image_size, eval_resize=eval_resize)
     elif name in ("cifar10", "cifar100"):
@@ -169,7 +167,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, num_classe
         raise DatasetError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if name != "tiny-imagenet" and (num_classes or per_class):
         data = subset(data, num_classes=num_classes, per_class=per_class)
-    if image_size and name not in ("imagefolder",):
+    if image_size and name not in ("imagefolder", "tiny-imagenet"):  # those resize as they decode
         data = resized(data, image_size)
     if normalize is not None:
         if normalize not in NORMALIZATIONS:
@@ -318,54 +316,14 @@ def tiny_imagenet_val_labels(root: Path) -> dict[str, str]:
     return labels
 
 
-def _decode_tiny(files: list[Path], desc: str) -> np.ndarray:
-    """JPEGs -> uint8 N x 3 x 64 x 64 (greyscale and CMYK become RGB)."""
-    from tqdm import tqdm
-
-    out = np.empty((len(files), 3, 64, 64), dtype=np.uint8)
-    for i, f in enumerate(tqdm(files, desc=desc, unit="img")):
-        a = np.asarray(decode_image(f))
-        if a.shape != (64, 64, 3):
-            raise DatasetError(f"{f} is {a.shape[1]}x{a.shape[0]}, expected a 64x64 Tiny-ImageNet image")
-        out[i] = a.transpose(2, 0, 1)
-    return out
-
-
-def _save_npy(path: Path, a: np.ndarray) -> None:
-    """np.save to a temporary file, then rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # not mkstemp: mode 0600
-    try:
-        with open(tmp, "xb") as f:
-            np.save(f, a, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _tiny_split(root: Path, split: str, num_classes: int, files: list[Path], labels: np.ndarray) -> torch.Tensor:
-    """Decoded images of ``files``, cached as .npy in ``root`` because decoding takes a while."""
-    key = f".dsutil-v{TINY_CACHE_VERSION}-{split}-{num_classes}"
-    x_path, y_path = root / f"{key}.npy", root / f"{key}-labels.npy"
-    if x_path.is_file() and y_path.is_file():
-        y = np.load(y_path, allow_pickle=False)
-        if np.array_equal(y, labels):  # a different file list means the folder changed: decode again
-            return torch.from_numpy(np.load(x_path, allow_pickle=False))
-    x = _decode_tiny(files, f"Tiny-ImageNet {split}")
-    try:
-        _save_npy(y_path, labels)  # labels first: the images file marks a complete cache
-        _save_npy(x_path, x)
-    except OSError as e:
-        warnings.warn(f"cannot cache decoded Tiny-ImageNet images in {root}: {e}")
-    return torch.from_numpy(x)
-
-
 def tiny_imagenet(root: str | os.PathLike | None = None, num_classes: int | None = None,
-                  per_class: int | None = None) -> ImageData:
+                  per_class: int | None = None, image_size: int | None = None) -> ImageData:
     """Tiny-ImageNet-200 in the official layout; classes in sorted wnid order.
 
     ``num_classes=None`` keeps every class that has a train folder, which must be
-    the first classes of the sorted order (the shared zips hold all 200).
+    the first classes of the sorted order (the shared zips hold all 200); ``per_class`` keeps the first
+    training files of each class. The JPEGs are decoded on access, like an image folder's, so memory does not
+    grow with the 100,000 training images (1.2 GB as uint8).
     """
     root = tiny_imagenet_root(root, num_classes)
     wnids_file = root / "wnids.txt"
@@ -396,18 +354,36 @@ def tiny_imagenet(root: str | os.PathLike | None = None, num_classes: int | None
         files = sorted(f for f in (root / "train" / w / "images").glob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise DatasetError(f"{root / 'train' / w / 'images'} holds no images; expected {w}_<k>.JPEG files")
-        train_files += files
-        train_y += [c] * len(files)
+        train_files += files[:per_class]
+        train_y += [c] * len(files[:per_class])
     index = {w: c for c, w in enumerate(classes)}
     val_names = sorted(f for f, w in val_labels.items() if w in index)
     val_files = [root / "val" / "images" / f for f in val_names]
-    val_y = np.array([index[val_labels[f]] for f in val_names], dtype=np.int64)
-    train_y = np.array(train_y, dtype=np.int64)
+    missing = next((f for f in val_files if not f.is_file()), None)
+    if missing is not None:
+        raise DatasetError(f"{missing} is listed in {root / 'val' / 'val_annotations.txt'} but does not exist")
+    val_y = [index[val_labels[f]] for f in val_names]
+    return ImageData("tiny-imagenet", TinyImages(train_files, train_y, image_size),
+                     TinyImages(val_files, val_y, image_size), classes, IMAGENET_MEAN, IMAGENET_STD, flip=True)
 
-    train = TensorImages(_tiny_split(root, "train", num_classes, train_files, train_y), torch.from_numpy(train_y))
-    test = TensorImages(_tiny_split(root, "val", num_classes, val_files, val_y), torch.from_numpy(val_y))
-    data = ImageData("tiny-imagenet", train, test, classes, IMAGENET_MEAN, IMAGENET_STD, flip=True)
-    return subset(data, per_class=per_class) if per_class else data
+
+def tiny_imagenet_folder(out, root: str | os.PathLike | None = None) -> Path:
+    """Tiny-ImageNet in the ImageFolder layout at ``out``: ``train/<wnid>`` links to each class folder that
+    has training images and ``val/<wnid>/<file>`` to each of its validation images, so the 200 classes load
+    with ``dataset: imagefolder`` (the same pixels and class order, nothing copied). Returns ``out``."""
+    root = tiny_imagenet_root(root)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out} exists and is not empty; expected a new folder for the ImageFolder layout")
+    held = [w for w in sorted(set((root / "wnids.txt").read_text().split())) if (root / "train" / w).is_dir()]
+    for w in held:
+        (out / "train").mkdir(parents=True, exist_ok=True)
+        (out / "train" / w).symlink_to((root / "train" / w).resolve(), target_is_directory=True)
+    for name, w in sorted(tiny_imagenet_val_labels(root).items()):
+        if w in held:
+            (out / "val" / w).mkdir(parents=True, exist_ok=True)
+            (out / "val" / w / name).symlink_to((root / "val" / "images" / name).resolve())
+    return out
 
 
 # --- ImageFolder -------------------------------------------------------------------------------
@@ -418,10 +394,11 @@ class FolderImages(Dataset):
     decodes_files = True  # loaders give it worker processes (runtime.loader_options)
 
     def __init__(self, files: list[Path], targets: list[int], image_size: int | None = None,
-                 resize: int | None = None):
+                 resize: int | None = None, size: tuple[int, int] | None = None):
         self.files, self.targets, self.image_size = files, torch.as_tensor(targets, dtype=torch.long), image_size
         self.resize = resize or image_size  # the shorter side before the central crop of image_size
-        self.size = None if image_size or not files else decode_image(files[0]).size  # every image's, unresized
+        # every image's size, unresized (``size``: known in advance, else the first file's)
+        self.size = None if image_size or not files else size or decode_image(files[0]).size
 
     def __len__(self) -> int:
         return len(self.files)
@@ -440,6 +417,20 @@ class FolderImages(Dataset):
                                f"{self.size[1]}: images of one folder must share a size, or set image_size "
                                "(--image-size) to resize and crop them all")
         return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous(), int(self.targets[i])
+
+
+class TinyImages(FolderImages):
+    """Tiny-ImageNet's 64-px JPEGs, decoded on access and resized (when ``image_size`` asks) exactly as in-memory
+    datasets are, by torch's antialiased bilinear interpolation: the same pixels as when the whole set was decoded
+    first (and so the same published results)."""
+
+    def __init__(self, files: list[Path], targets: list[int], image_size: int | None = None):
+        super().__init__(files, targets, size=(64, 64))
+        self.out_size = image_size if image_size != 64 else None
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return (_resize_images(x[None], self.out_size)[0] if self.out_size else x), y
 
 
 def class_files(folder: Path) -> list[Path]:

@@ -6,49 +6,18 @@ combination on the run's images and keeps the settings no cheaper setting beats 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .files import write_json
+from .runner import Stages, ensure_labels, ensure_run, ensure_student, over_seeds
 from .runtime import is_main
 from .settings import build, require
-
-
-@dataclass
-class FrontierConfig:
-    methods: list[str] = field(default_factory=lambda: ["lpld", "sre2l"])
-    prune_ratios: list[float] = field(default_factory=lambda: [0.975, 0.9875, 0.995])  # the full grid's ratios
-    curve_ratios: list[float] = field(default_factory=lambda: [0.0, 0.9])  # pruning alone only, for the curve
-    topk: list[int | None] = field(default_factory=lambda: [None, 2])  # None: every logit
-    topk_fill: str = "mass"
-    policies: dict[str, dict] = field(default_factory=lambda: {"constant": {}})  # name: student settings changed
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-
-    def __post_init__(self):
-        from .train import StudentConfig
-
-        require("constant" in self.policies and not self.policies["constant"], "policies", self.policies,
-                "a 'constant' policy with no changes (the pruning-alone baseline)")
-        for name, changes in self.policies.items():
-            build(StudentConfig, changes, f"frontier policy {name!r}")
-        for r in self.prune_ratios + self.curve_ratios:
-            require(0 <= r < 1, "frontier ratios", r, "ratios in [0, 1)")
-        for k in self.topk:
-            require(k is None or k >= 1, "frontier topk", k, "null (every logit) or 1 or more")
-        require(None in self.topk, "frontier topk", self.topk, "a list that holds null (the full labels)")
-        require(len(set(self.seeds)) == len(self.seeds) > 0, "frontier seeds", self.seeds, "distinct integers")
-
-    def settings(self) -> list[tuple[float, int | None, str]]:
-        """Every (prune ratio, top-k, policy) trained: the full grid, plus pruning alone on the curve."""
-        grid = [(r, k, p) for r in self.prune_ratios for k in self.topk for p in self.policies]
-        return [(r, None, "constant") for r in self.curve_ratios if r not in self.prune_ratios] + grid
 
 
 def run_frontier(cfg, out, progress: bool = True) -> dict:
     """Train the frontier of ``cfg.frontier`` on the run in ``out`` (made first when missing); write
     ``frontier.json`` with one point per setting (mean, std and per-seed top-1) and the Pareto points."""
-    from .runner import Stages, ensure_labels, ensure_run, ensure_student, over_seeds
-
     fcfg = cfg.frontier
     require(fcfg is not None, "frontier", None, "a frontier: section in the preset")
     ensure_run(cfg, out, progress)

@@ -56,8 +56,8 @@ def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
     """Write ``RUN/recover/NAME`` (images.safetensors, png/, recover.json) from the ImageFolder ``folder``;
     images are converted to the teacher's channels and resized to its input size, and streamed: a set of
     any size is imported in the memory of a few hundred images."""
-    from .recover import load_squeezed
     from .runtime import resolve_device
+    from .squeeze import load_squeezed
 
     folder, run_dir, dev = Path(folder), Path(run_dir), resolve_device(device)
     if not folder.is_dir():

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import seaborn as sns  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt  # the backend is the caller's: inline in notebooks, Agg in the dsutil command
+import seaborn as sns
+import torch
 
 METHOD_COLORS = {"sre2l": "#d62728", "lpld": "#1f77b4", "real": "#7f7f7f",
                  "cross-class-classbn": "#ff7f0e", "class-globalbn": "#9467bd"}
@@ -20,13 +17,19 @@ def theme() -> None:
     sns.set_theme(context="notebook", style="whitegrid", palette="deep")
 
 
-def save(fig, path) -> Path:
-    """Save atomically and close."""
+def save_open(fig, path) -> Path:
+    """Save atomically; the figure stays open (a notebook shows it next)."""
     from .files import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=130, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    return path
+
+
+def save(fig, path) -> Path:
+    """Save atomically and close."""
+    path = save_open(fig, path)
     plt.close(fig)
     return path
 
@@ -94,7 +97,7 @@ def image_grid(images01: torch.Tensor, labels: torch.Tensor, classes: list[str],
 def demo_figures(out, summary: dict, data) -> list[Path]:
     """The demo's figures under ``out/figures``."""
     from .image_store import ImageSet
-    from .recover import recover_dir
+    from .layout import recover_dir
 
     fig_dir = Path(out) / "figures"
     paths = [save(cosine_bars({n: m["within_class_cosine"] for n, m in summary["methods"].items()},
@@ -105,17 +108,23 @@ def demo_figures(out, summary: dict, data) -> list[Path]:
              save(accuracy_curves(summary, "label_bytes"), fig_dir / "accuracy_vs_label_storage.png")]
     for name, m in summary["methods"].items():
         images = ImageSet(recover_dir(out, name, m["ipc"]) / "images.safetensors")
-        rows = grid_rows(images.labels)  # only the images the grid draws are read
-        paths.append(save(image_grid(data.denormalize(images[rows]), images.labels[rows], data.classes,
+        paths.append(save(image_grid(*grid_images(images, data), data.classes,
                                      f"{METHOD_NAMES.get(name, name)}, IPC {m['ipc']}"),
                           fig_dir / f"images_{name}.png"))
     return paths
 
 
-def grid_rows(labels: torch.Tensor, per_class: int = 10, max_classes: int = 10) -> torch.Tensor:
-    """The rows :func:`image_grid` draws: the first ``per_class`` images of each of the first classes."""
-    shown = sorted(labels.unique().tolist())[:max_classes]
+def grid_rows(labels: torch.Tensor, per_class: int = 10, shown: list[int] | None = None) -> torch.Tensor:
+    """The rows a grid draws: the first ``per_class`` images of each class ``shown`` (None: the first 10)."""
+    shown = sorted(labels.unique().tolist())[:10] if shown is None else shown
     return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in shown])
+
+
+def grid_images(images, data, per_class: int = 10, shown: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels in [0, 1], labels) of the rows a grid draws from a stored set (an ``ImageSet``): only those
+    rows are read, so a grid of a 50,000-image set costs what one of 10 classes does."""
+    rows = grid_rows(images.labels, per_class, shown)
+    return data.denormalize(images[rows]), images.labels[rows]
 
 
 def _name(n: str) -> str:

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import crop_flip, rrc_boxes
-from .files import atomic_path, json_ready, load_model, load_tensors, read_json, save_tensors, write_json
+from .files import atomic_path, json_ready, load_tensors, read_json, save_tensors, write_json
 from .image_store import ENCODINGS, IMAGE_FORMATS, READ_BATCH, ImageSet, quantise, write_image_set
+from .layout import RECOVER_FILES, recover_dir  # noqa: F401 (recover_dir: the run's sets, for callers)
 from .runtime import barrier, derive_seed, is_main, my_share, resolve_device
 from .settings import check_crop_scale, non_negative, one_of, positive, require
-from .squeeze import BNStats, bn_layers
+from .squeeze import BNStats, bn_layers, load_squeezed
 
 METHODS = {  # name -> (grouping, BN targets)
     "sre2l": ("cross-class", "global"),
@@ -256,26 +257,6 @@ def pack_groups(groups: list[Group], batch_images: int) -> list[list[Group]]:
     return passes + ([current] if current else [])
 
 
-def recover_dir(run_dir, method: str, ipc: int) -> Path:
-    return Path(run_dir) / "recover" / f"{method}-ipc{ipc}"
-
-
-def load_squeezed(run_dir, device="cpu"):
-    """Teacher, its spec, BN statistics and squeeze summary of a run; clear error if absent."""
-    run_dir = Path(run_dir)
-    for name in ("squeeze.json", "teacher.safetensors", "bn_stats.safetensors"):
-        if not (run_dir / name).exists():
-            raise FileNotFoundError(f"{run_dir / name} not found: run `dsutil squeeze --out {run_dir}` first")
-    teacher, spec = load_model(run_dir / "teacher.safetensors", device)
-    stats = BNStats.load(run_dir / "bn_stats.safetensors")
-    if len(stats.classes) != spec["num_classes"]:
-        raise ValueError(f"{run_dir / 'bn_stats.safetensors'} has {len(stats.classes)} classes but the teacher "
-                         f"has {spec['num_classes']}; re-run `dsutil squeeze`")
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher, spec, stats, read_json(run_dir / "squeeze.json")
-
-
 def parse_classes(text: str | None, num_classes: int) -> range:
     """``a:b`` (either end optional) -> range, checked against the dataset's class count."""
     if not text:
@@ -288,9 +269,6 @@ def parse_classes(text: str | None, num_classes: int) -> range:
     if not (0 <= r.start < r.stop <= num_classes):
         raise ValueError(f"--classes {text!r} is outside the dataset's classes 0:{num_classes}")
     return r
-
-
-RECOVER_FILES = ("settings.json", "recover.json", "images.safetensors", "units/*.safetensors", "png/*/*.png")
 
 
 def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: str = "auto",

@@ -21,16 +21,13 @@ from tqdm.auto import tqdm
 from .augment import rrc_boxes
 from .files import claim, file_sha256, json_ready, read_json, remove_own, write_json
 from .image_store import ImageSet
-from .labels import (DTYPES, FORMAT_VERSION, PRUNE_POOLS, TOPK_FILLS, BatchRecord, LabelStore, check_prune_ratio,
-                     pool_order, write_epoch)
-from .recover import load_squeezed
+from .labels import DTYPES, FORMAT_VERSION, PRUNE_POOLS, TOPK_FILLS, BatchRecord, LabelStore, check_prune_ratio, pool_order, write_epoch
+from .layout import PENDING, STORE_FILES, TIMING
 from .runtime import LoaderWait, barrier, derive_seed, is_main, loader_options, my_share, resolve_device
 from .settings import check_crop_scale, one_of, positive, require
+from .squeeze import load_squeezed
 
 MIXES = ("none", "cutmix", "mixup")
-PENDING = "pending.json"  # a relabel's inputs and settings while its store is unfinished
-TIMING = "timing.json"  # how long a relabel took: kept out of the manifest, which training fingerprints
-STORE_FILES = ("manifest.json", PENDING, TIMING, "epoch*.safetensors")  # what relabel writes in a store
 
 
 @dataclass
@@ -263,14 +260,20 @@ def _relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path, device, progres
     batches = StepBatches(images, steps, cfg)
     loader = LoaderWait(DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev)))
     done: list[BatchRecord] = []
+    # one epoch's logits in one buffer, made once and refilled every epoch, on the device (moved to the host per
+    # epoch: no wait for the device per batch): no long-lived small allocation per batch to fragment the heap
+    epoch_logits, row = torch.empty(n, spec["num_classes"], device=dev), 0
     with tqdm(loader, desc="relabel", disable=not progress, total=len(steps)) as bar:  # closed on errors too
         for i, (x, *_) in enumerate(bar):
             epoch, batch = steps[i][1:]
             if not done:
-                records = {r.batch: r for r in epoch_records(n, hw, cfg, epoch)}
+                records, row = {r.batch: r for r in epoch_records(n, hw, cfg, epoch)}, 0
             with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.teacher_bf16):
-                records[batch].logits = teacher(x.to(dev, non_blocking=True)).float()  # to the host per epoch:
-            done.append(records[batch])  # no wait for the device per batch
+                logits = teacher(x.to(dev, non_blocking=True))
+            records[batch].logits = epoch_logits[row:row + len(x)]
+            records[batch].logits.copy_(logits)
+            row += len(x)
+            done.append(records[batch])
             if i + 1 == len(steps) or steps[i + 1][1] != epoch:  # the epoch's last batch: write its file
                 write_epoch(out / f"epoch{epoch:05d}.safetensors", done, spec["num_classes"], cfg.dtype, cfg.topk,
                             cfg.topk_fill, cfg.topk_temperature)

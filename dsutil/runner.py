@@ -18,15 +18,15 @@ import torch
 from .analysis import streamed_within_class_cosine
 from .config import ExperimentConfig
 from .files import json_ready, read_json, remove_own, write_json
-from .labels import DYNAMICS_METRICS, LabelStore
-from .models import feature_batches
 from .image_store import ImageSet
-from .recover import RECOVER_FILES, load_squeezed, recover, recover_dir
-from .relabel import STORE_FILES, label_settings, relabel
-from .runtime import barrier, derive_seed, is_main, resolve_device
-from .squeeze import squeeze
-from .train import STUDENT_FILES, train_student
-
+from .labels import DYNAMICS_METRICS, LabelStore
+from .layout import RECOVER_FILES, STORE_FILES, STUDENT_FILES, label_store_dir, recover_dir
+from .models import feature_batches
+from .recover import recover
+from .relabel import label_settings, relabel
+from .runtime import barrier, derive_seed, dsutil_environment, is_main, resolve_device
+from .squeeze import load_squeezed, squeeze
+from .train import train_student
 
 # Settings added after runs were made, with their defaults: left out of a stage's hash while at the default
 # (which gives the results of before), so that adding a setting does not redo every finished stage.
@@ -129,9 +129,10 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
                            "label_bytes_on_disk": LabelStore(store).disk_bytes(),
                            "students": students}
     real_cos, real_count = real_within_class_cosine(teacher, data, cfg.cosine_per_class, cfg.data.seed)
-    summary = {"name": cfg.name, "dataset": cfg.data.dataset, "classes": data.classes, "teacher": {"arch": spec["arch"], "test_top1": info["test_top1"]},
+    summary = {"name": cfg.name, "dataset": cfg.data.dataset, "classes": data.classes,
+               "teacher": {"arch": spec["arch"], "test_top1": info["test_top1"]},
                "real_within_class_cosine": real_cos, "real_within_class_cosine_images": real_count,
-               "methods": methods, "settings": cfg.to_dict(),
+               "methods": methods, "settings": cfg.to_dict(), "environment": dsutil_environment(),
                "seeds": seeds, "stages": {"ran": stages.ran, "reused": stages.reused},
                "stage_seconds": stages.seconds, "stage_seconds_by_kind": stages.seconds_by_kind(),
                "seconds": time.time() - start}
@@ -235,10 +236,6 @@ def stage_hash(folder) -> str:
     if not marker.exists():
         raise FileNotFoundError(f"{marker} not found: that stage has not finished; run the experiment first")
     return read_json(marker)["hash"]
-
-
-def label_store_dir(run_dir, method: str, ipc: int, topk: int | None = None, topk_fill: str = "zero") -> Path:
-    return Path(run_dir) / "labels" / (f"{method}-ipc{ipc}" + (f"-k{topk}-{topk_fill}" if topk else ""))
 
 
 def ensure_labels(run_dir, method: str, ipc: int, lcfg, device: str = "auto", progress: bool = True,

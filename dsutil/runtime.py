@@ -208,3 +208,9 @@ def derive_seed(seed: int, *keys) -> int:
 
     h = hashlib.sha256(repr((seed, *keys)).encode()).digest()
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def dsutil_environment() -> dict[str, str]:
+    """The ``DSUTIL_*`` variables this process sees (cache, memory, rendezvous, TensorBoard): settings that live
+    in the environment, written with a run's results so that it says how it was made."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("DSUTIL_")}

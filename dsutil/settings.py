@@ -88,3 +88,33 @@ def check_crop_scale(scale) -> None:
 
 def one_of(name: str, value, choices) -> None:
     require(value in choices, name, value, "one of " + ", ".join(map(str, choices)))
+
+
+def field_notes(cls) -> dict[str, str]:
+    """Each field's trailing ``# comment`` in the class source: the one place a setting is explained."""
+    import inspect
+    import re
+
+    notes = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s{4}(\w+): [^#]+?#\s*(.+)$", line)
+        if m:
+            notes[m.group(1)] = m.group(2).strip()
+    return notes
+
+
+def reference_rows(cls, prefix: str = "") -> list[str]:
+    """Markdown rows ``| key | type | default | note |`` for every field of a settings dataclass."""
+    import dataclasses
+    import re
+
+    notes, hints, rows = field_notes(cls), typing.get_type_hints(cls), []
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        if dataclasses.is_dataclass(default):
+            continue  # a section: listed under its own heading
+        kind = re.sub(r"<class '(\w+)'>|[\w.]+\.(\w+)", lambda m: m.group(1) or m.group(2), str(hints[f.name]))
+        kind = kind.replace(" | ", " or ")
+        rows.append(f"| `{prefix}{f.name}` | {kind} | `{default!r}` | {notes.get(f.name, '').replace('|', '/')} |")
+    return rows

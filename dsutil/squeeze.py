@@ -19,16 +19,39 @@ from tqdm.auto import tqdm
 
 from .augment import crop_flip, random_shift_flip, rrc_boxes
 from .data import ImageData
-from .files import (claim, file_sha256, json_ready, load_model, load_tensors, read_json, remove_own, save_model,
-                    save_tensors, write_json, write_metrics)
+from .evaluate import evaluate
+from .files import (
+    claim,
+    file_sha256,
+    json_ready,
+    load_model,
+    load_tensors,
+    read_json,
+    remove_own,
+    save_model,
+    save_tensors,
+    write_json,
+    write_metrics,
+)
+from .layout import made_from_teacher
 from .models import build_model
-from .runtime import (barrier, derive_seed, is_main, loader_options, my_rows, rank, resolve_device, seed_everything,
-                      sum_over_ranks, world_size)
+from .runtime import (
+    barrier,
+    derive_seed,
+    is_main,
+    loader_options,
+    my_rows,
+    rank,
+    resolve_device,
+    seed_everything,
+    sum_over_ranks,
+    world_size,
+)
+from .schedules import lr_schedule
 from .settings import non_negative, one_of, positive, require
 
 BN_VIEWS = ("plain", "augmented")
 BN_ESTIMATORS = ("exact", "running")
-from .evaluate import evaluate
 
 
 @dataclass
@@ -249,8 +272,6 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * len(loader),
                                                     pct_start=0.15, anneal_strategy="cos")
     else:
-        from .train import lr_schedule
-
         sched = lr_schedule(opt, cfg.epochs * len(loader), cfg.lr_warmup_epochs * len(loader))
     model.train()
     bar = tqdm(range(cfg.epochs), desc="teacher", disable=not progress)
@@ -297,23 +318,7 @@ def measure_bn_statistics(model: nn.Module, data: ImageData, cfg: TeacherConfig,
                          device, cfg.bn_estimator, cfg.bn_momentum)
 
 
-# what a run holds that was made from its teacher: replaced or removed with it
-def made_from_teacher() -> tuple[str, ...]:
-    """Every file a run holds that came from its teacher, as glob patterns under the run: what ``restart``
-    removes (and nothing else, so the user's own files there stay)."""
-    from .recover import RECOVER_FILES
-    from .relabel import STORE_FILES
-    from .train import STUDENT_FILES
-
-    return (*SQUEEZE_FILES, "summary.json", "frontier.json", "*.stage.json", "**/stage.json",
-            "figures/*.png", *(f"recover/*/{f}" for f in RECOVER_FILES), *(f"labels/*/{f}" for f in STORE_FILES),
-            *(f"{d}/*/{f}" for d in ("students", "frontier") for f in STUDENT_FILES))
-
-
-SQUEEZE_FILES = ("teacher.safetensors", "bn_stats.safetensors", "squeeze.json", "teacher_metrics.jsonl")
-
-
-def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), device: str = "auto",
+def squeeze(data: ImageData, out_dir, cfg: TeacherConfig | None = None, device: str = "auto",
             progress: bool = True, teacher_checkpoint=None, restart: bool = False, workers: int | None = None) -> dict:
     """Train (or load) and save the teacher, its BN statistics and ``squeeze.json`` (last) under ``out_dir``.
 
@@ -323,7 +328,8 @@ def squeeze(data: ImageData, out_dir, cfg: TeacherConfig = TeacherConfig(), devi
     (the experiment runner does so when the squeeze settings change).
     """
     with claim(out_dir, "squeeze"):
-        return _squeeze(data, Path(out_dir), cfg, device, progress, teacher_checkpoint, restart, workers)
+        return _squeeze(data, Path(out_dir), cfg or TeacherConfig(), device, progress, teacher_checkpoint, restart,
+                        workers)
 
 
 def _squeeze(data: ImageData, out_dir: Path, cfg: TeacherConfig, device, progress, teacher_checkpoint, restart,
@@ -382,3 +388,19 @@ def _squeeze(data: ImageData, out_dir: Path, cfg: TeacherConfig, device, progres
         write_json(out_dir / "squeeze.json", summary)
     barrier()  # the run is whole before any rank goes on
     return summary
+
+
+def load_squeezed(run_dir, device="cpu"):
+    """Teacher, its spec, BN statistics and squeeze summary of a run; clear error if absent."""
+    run_dir = Path(run_dir)
+    for name in ("squeeze.json", "teacher.safetensors", "bn_stats.safetensors"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir / name} not found: run `dsutil squeeze --out {run_dir}` first")
+    teacher, spec = load_model(run_dir / "teacher.safetensors", device)
+    stats = BNStats.load(run_dir / "bn_stats.safetensors")
+    if len(stats.classes) != spec["num_classes"]:
+        raise ValueError(f"{run_dir / 'bn_stats.safetensors'} has {len(stats.classes)} classes but the teacher "
+                         f"has {spec['num_classes']}; re-run `dsutil squeeze`")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, spec, stats, read_json(run_dir / "squeeze.json")

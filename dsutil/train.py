@@ -13,22 +13,31 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import ImageData
-from .evaluate import evaluate
 from .dynamics import Dynamics, load_scores
+from .evaluate import evaluate
 from .files import atomic_path, claim, file_sha256, read_json, remove_own, save_model, save_tensors, write_json, write_metrics
-from .labels import (DYNAMICS_METRICS, PRUNE_METRICS, PRUNE_POOLS, LabelStore, LabelStoreError, check_prune_ratio,
-                     coverage, select_batches)
-from .models import build_model
 from .image_store import ImageSet
+from .labels import DYNAMICS_METRICS, PRUNE_METRICS, PRUNE_POOLS, LabelStore, LabelStoreError, check_prune_ratio, coverage, select_batches
+from .layout import STUDENT_FILES
+from .models import build_model
 from .relabel import StepBatches
-from .runtime import (LoaderWait, barrier, gather_rows, is_main, loader_options, loader_workers, my_rows, resolve_device,
-                      sum_over_ranks, world_size)
+from .runtime import (
+    LoaderWait,
+    barrier,
+    gather_rows,
+    is_main,
+    loader_options,
+    loader_workers,
+    my_rows,
+    resolve_device,
+    sum_over_ranks,
+    world_size,
+)
+from .schedules import lr_schedule
 from .settings import non_negative, one_of, positive, require
-
 
 SCHEDULES = ("constant", "step", "cosine")
 DRAWS = ("cycle", "replacement")  # how student epochs draw from the kept pool (see batch_schedule)
-STUDENT_FILES = ("train.json", "student.safetensors", "metrics.jsonl", "dynamics.safetensors", "checkpoint.pt")
 CHECKPOINT_SECONDS = 120.0  # a student checkpoint at most this often (and after the last epoch)
 
 
@@ -65,9 +74,7 @@ class StudentConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from .models import ARCHS
-
-        from .models import NORMS
+        from .models import ARCHS, NORMS
 
         one_of("arch", self.arch, ARCHS)
         one_of("norm", self.norm, NORMS)
@@ -174,16 +181,6 @@ def make_optimizer(model: torch.nn.Module, cfg: StudentConfig) -> torch.optim.Op
     return torch.optim.SGD(groups, cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
-def lr_schedule(opt, steps: int, warmup_steps: int):
-    """Cosine decay over ``steps`` per-step updates; with ``warmup_steps``, first a linear ramp from 1% of the
-    rate (the official Tiny-ImageNet student warms up 5 epochs this way), then cosine over the rest."""
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps - warmup_steps if warmup_steps else steps)
-    if not warmup_steps:
-        return cosine
-    ramp = torch.optim.lr_scheduler.LinearLR(opt, 0.01, 1.0, warmup_steps)
-    return torch.optim.lr_scheduler.SequentialLR(opt, [ramp, cosine], [warmup_steps])
-
-
 def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str = "auto",
                   progress: bool = True, data: ImageData | None = None, restart: bool = False,
                   keep_checkpoint: bool = False, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> dict:
@@ -205,8 +202,8 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
 def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, device, progress, data, restart,
                    keep_checkpoint, checkpoint_seconds) -> dict:
     from .data import load_from_source
-    from .recover import load_squeezed
     from .relabel import RelabelConfig
+    from .squeeze import load_squeezed
 
     non_negative("checkpoint_seconds", checkpoint_seconds)
     dev = resolve_device(device)

@@ -1,10 +1,24 @@
 """Shared fixtures: the real MNIST-5k data and one real teacher run, built once per session."""
+import os
 import shutil
 
 import pytest
 import torch
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+# under pytest -n each worker takes its share of the cores (oversubscribed intra-op threads only wait on each other)
+torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    """Under ``pytest -n`` (xdist, ``--dist loadgroup``) the tests of one session-wide quick run share a worker,
+    so that each quick run is made once, not once per worker."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "quick_tiny" in item.fixturenames or params.get("quick_env") == "tiny-imagenet-10":
+            item.add_marker(pytest.mark.xdist_group("quick_tiny"))
+        elif "quick_demo" in item.fixturenames or params.get("quick_env") == "mnist5k":
+            item.add_marker(pytest.mark.xdist_group("quick_demo"))
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,20 @@ import torch
 from PIL import Image
 
 import dsutil.data
-from dsutil.data import (TINY_CACHE_VERSION, DatasetError, FolderImages, ImageData, TensorImages,
-                         image_folder, load_dataset, mnist5k, resized, subset, tiny_imagenet,
-                         tiny_imagenet_val_labels, train_targets)
+from dsutil.data import (
+    DatasetError,
+    FolderImages,
+    ImageData,
+    TensorImages,
+    image_folder,
+    load_dataset,
+    mnist5k,
+    resized,
+    subset,
+    tiny_imagenet,
+    tiny_imagenet_val_labels,
+    train_targets,
+)
 
 TINY_CLASSES = 4  # the 4th sorted wnid (n01644900) has greyscale training images; the first three have none
 
@@ -90,7 +101,8 @@ def test_tiny_train_folders_hold_500_images(tiny_root):
 
 def test_tiny_loaded_subset(tiny, tiny_root):
     assert tiny.name == "tiny-imagenet" and tiny.classes == sorted_wnids(tiny_root)[:TINY_CLASSES]
-    assert tiny.shape == (3, 64, 64) and tiny.train.images.dtype == torch.uint8 and tiny.flip
+    assert tiny.shape == (3, 64, 64) and tiny.train[0][0].dtype == torch.uint8 and tiny.flip
+    assert tiny.train.decodes_files and tiny.test.decodes_files  # decoded on access: memory stays flat
     assert torch.bincount(tiny.train.targets).tolist() == [500] * TINY_CLASSES
     assert torch.bincount(tiny.test.targets).tolist() == [50] * TINY_CLASSES
 
@@ -102,7 +114,7 @@ def test_tiny_val_labels_and_pixels_match_files(tiny, tiny_root):
     for i in range(0, len(kept), 17):
         with Image.open(tiny_root / "val" / "images" / kept[i]) as im:
             x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-        assert torch.equal(tiny.test.images[i], x), kept[i]
+        assert torch.equal(tiny.test[i][0], x), kept[i]
 
 
 def test_tiny_greyscale_becomes_rgb(tiny, tiny_root):
@@ -114,18 +126,25 @@ def test_tiny_greyscale_becomes_rgb(tiny, tiny_root):
     grey = [i for i, m in enumerate(modes) if m == "L"]
     assert grey, "expected greyscale training images among the first classes"
     for i in grey:
-        x = tiny.train.images[i]
+        x = tiny.train[i][0]
         with Image.open(files[i]) as im:
-            l = torch.from_numpy(np.array(im))
-        assert x.shape == (3, 64, 64) and all(torch.equal(x[c], l) for c in range(3)), files[i]
+            grey_pixels = torch.from_numpy(np.array(im))
+        assert x.shape == (3, 64, 64) and all(torch.equal(x[c], grey_pixels) for c in range(3)), files[i]
 
 
-def test_tiny_cache_and_per_class(tiny, tiny_root):
-    assert (tiny_root / f".dsutil-v{TINY_CACHE_VERSION}-train-{TINY_CLASSES}.npy").is_file()
-    few = tiny_imagenet(num_classes=TINY_CLASSES, per_class=3)  # from the .npy cache
+def test_tiny_per_class_and_image_size(tiny):
+    few = tiny_imagenet(num_classes=TINY_CLASSES, per_class=3)
     assert train_targets(few.train).tolist() == sum([[c] * 3 for c in range(TINY_CLASSES)], [])
-    assert torch.equal(few.train.images[3:6], tiny.train.images[500:503])
-    assert torch.equal(few.test.images, tiny.test.images)
+    assert all(torch.equal(few.train[3 + k][0], tiny.train[500 + k][0]) for k in range(3))
+    assert few.test.files == tiny.test.files
+    small = load_dataset("tiny-imagenet", num_classes=TINY_CLASSES, per_class=2, image_size=32)
+    assert small.shape == (3, 32, 32) and small.train[0][0].dtype == torch.uint8
+    # resized one at a time as they are read: the very pixels of resizing the decoded set at once (as before)
+    whole = torch.stack([few.train[i][0] for i in range(len(few.train))])
+    at_once = dsutil.data._resize_images(whole, 32)
+    assert all(torch.equal(small.train[i][0], at_once[k]) for i, k in enumerate([0, 1, 3, 4, 6, 7, 9, 10]))
+    assert all(torch.equal(small.test[i][0], dsutil.data._resize_images(tiny.test[i][0][None], 32)[0])
+               for i in range(0, len(tiny.test), 37))
 
 
 def test_tiny_needs_train_folders(tiny_root, tmp_path):
@@ -165,15 +184,15 @@ def tiny_tree(root: Path, wnids: list[str], with_train: list[str], annotations=T
 
 def test_tiny_from_user_folder(tmp_path):
     root = tiny_tree(tmp_path, ["b", "a", "c"], ["a", "b"])
-    data = tiny_imagenet(root)  # decoded afresh (the shared-zip tests may read an older .npy cache)
+    data = tiny_imagenet(root)
     assert data.classes == ["a", "b"] and len(data.train) == 4 and train_targets(data.test).tolist() == [1]
-    red = data.train.images[0].float().mean(dim=(1, 2))
+    red = data.train[0][0].float().mean(dim=(1, 2))
     assert red[0] > 180 and red[1] < 60 and red[2] < 60  # channels in RGB order
-    grey = data.test.images[0]
+    grey = data.test[0][0]
     assert grey.shape == (3, 64, 64) and torch.equal(grey[0], grey[1]) and torch.equal(grey[0], grey[2])
     assert abs(grey.float().mean() - 200) < 3
 
-    write_image(root / "train" / "b" / "images" / "b_2.JPEG", size=(64, 64))  # the folder changed: no stale cache
+    write_image(root / "train" / "b" / "images" / "b_2.JPEG", size=(64, 64))  # the folder is read afresh
     assert torch.bincount(tiny_imagenet(root).train.targets).tolist() == [2, 3]
 
 
@@ -343,3 +362,20 @@ def test_a_damaged_image_names_its_file(folder, damage):
     index = [p.name for p in test.files].index("z.png")
     with pytest.raises(DatasetError, match="cannot read image .*val/dog/z.png"):
         test[index]
+
+
+def test_tiny_as_an_image_folder_is_the_same_data(tiny_root, tmp_path):
+    """data.tiny_imagenet_folder: links in the ImageFolder layout that load as the same classes, labels and pixels."""
+    from dsutil.data import tiny_imagenet_folder
+
+    folder = image_folder(tiny_imagenet_folder(tmp_path / "folder", tiny_root))
+    tiny = tiny_imagenet(tiny_root)
+    assert folder.classes == tiny.classes and len(folder.classes) >= 10
+    for split in ("train", "test"):  # the same files with the same labels (validation files in another order)
+        a, b = getattr(folder, split), getattr(tiny, split)
+        at = {f.name: (i, int(a.targets[i])) for i, f in enumerate(a.files)}
+        bt = {f.name: (i, int(b.targets[i])) for i, f in enumerate(b.files)}
+        assert {k: v[1] for k, v in at.items()} == {k: v[1] for k, v in bt.items()} and len(at) == len(b)
+        assert all(torch.equal(a[at[k][0]][0], b[bt[k][0]][0]) for k in sorted(bt)[::97]), split
+    with pytest.raises(DatasetError, match="not empty"):
+        tiny_imagenet_folder(tmp_path / "folder", tiny_root)

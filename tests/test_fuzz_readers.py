@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsutil.image_store import ImageSet
 from dsutil.files import load_model, load_tensors, read_json, save_model
+from dsutil.image_store import ImageSet
 from dsutil.labels import LabelStore
 from dsutil.models import build_model
 from dsutil.recover import RecoverConfig, recover, recover_dir
@@ -87,7 +87,7 @@ def test_random_bytes_as_safetensors_json_and_checkpoint(tmp_path_factory, data)
     for name, read in (("x.safetensors", load_tensors), ("manifest.json", read_json),
                        ("checkpoint.pt", lambda p: _load_checkpoint(p, "cpu"))):
         (folder / name).write_bytes(data)
-        expect_clear_error(lambda: read(folder / name), folder / name)
+        expect_clear_error(lambda read=read, name=name: read(folder / name), folder / name)
 
 
 @FUZZ

@@ -104,3 +104,17 @@ def test_a_student_from_streamed_uint8_pixels_equals_one_from_the_same_pixels_as
     a, b = (load_file(tmp_path / f"s{w}" / "student.safetensors") for w in (1, 0))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_a_grid_reads_the_first_images_of_each_shown_class(tmp_path):
+    """plots.grid_images: the first ``per_class`` rows of each shown class, in [0, 1], the pixels written."""
+    from dsutil.data import ImageData
+    from dsutil.plots import grid_images
+
+    pixels, labels = random_set(n=40)
+    write(tmp_path / "set.safetensors", pixels, labels)
+    data = ImageData("d", None, None, META["classes"], tuple(MEAN), tuple(STD), flip=True)
+    x, y = grid_images(ImageSet(tmp_path / "set.safetensors"), data, per_class=3, shown=[2, 0])
+    rows = [i for c in (2, 0) for i in [k for k in range(40) if labels[k] == c][:3]]
+    assert y.tolist() == labels[rows].tolist() and len(rows) == 6
+    assert torch.allclose(x.double(), pixels[rows].double() / 255, atol=1e-6)

@@ -8,8 +8,17 @@ from safetensors.torch import load_file
 
 from dsutil.cli import main
 from dsutil.files import read_json, write_json
-from dsutil.labels import (HEADER_BYTES_PER_FILE, HEADER_BYTES_PER_TOPK2_FILE, HEADER_BYTES_PER_TOPK_FILE, LabelStore,
-                           LabelStoreError, coverage, human_bytes, select_batches, storage_bytes)
+from dsutil.labels import (
+    HEADER_BYTES_PER_FILE,
+    HEADER_BYTES_PER_TOPK2_FILE,
+    HEADER_BYTES_PER_TOPK_FILE,
+    LabelStore,
+    LabelStoreError,
+    coverage,
+    human_bytes,
+    select_batches,
+    storage_bytes,
+)
 from dsutil.recover import RecoverConfig, recover, recover_dir
 from dsutil.relabel import RelabelConfig, relabel
 

@@ -40,7 +40,7 @@ def quick_env(request, tmp_path_factory):
     run = request.getfixturevalue("quick_demo" if request.param == "mnist5k" else "quick_tiny")
     tmp = tmp_path_factory.mktemp("notebooks")
     shutil.copytree(run, tmp / "run")
-    env = {"DSUTIL_PRESET": request.param, "DSUTIL_QUICK": "1", "DSUTIL_RUN": str(tmp / "run"),
+    env = {"DSUTIL_PRESET": request.param, "DSUTIL_QUICK": "1", "DSUTIL_COMPUTE": "1", "DSUTIL_RUN": str(tmp / "run"),
            "DSUTIL_FIGURES": str(tmp / "figures")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -88,3 +88,20 @@ def test_notebook_runs_in_quick_mode(path, quick_env):
     warnings = [o.get("text", "") for cell in nb.cells for o in cell.get("outputs", [])
                 if o.get("name") == "stderr" and "warn" in o.get("text", "").lower()]
     assert not warnings, f"{path.name} shows warnings: {warnings}"
+
+
+def test_a_missing_run_is_not_computed_unasked(tmp_path, monkeypatch):
+    """notebook.start(...).run() on an empty folder starts nothing: it says what is missing, the command that makes
+    it and how long it took here; with compute it would run (not run here: that is the notebooks' test above)."""
+    from dsutil.notebook import NotComputed, start
+
+    monkeypatch.setenv("DSUTIL_RUN", str(tmp_path / "run"))
+    monkeypatch.delenv("DSUTIL_FIGURES", raising=False)
+    nb = start("tiny-imagenet-10", quick=False, compute=False)
+    assert nb.figures == tmp_path / "run" / "figures"  # figures go under the run, not into the tracked figures/
+    with pytest.raises(NotComputed, match=r"about 62 minutes.*`dsutil run tiny-imagenet-10 --out ") as e:
+        nb.run()
+    assert not (tmp_path / "run").exists()  # nothing was made
+    assert e.value._render_traceback_() == [f"Not computed: {e.value}"]
+    with pytest.raises(NotComputed, match=r"about 46 minutes.*`dsutil frontier tiny-imagenet-10 --out "):
+        nb.frontier()

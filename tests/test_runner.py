@@ -1,5 +1,6 @@
 """The main job: `dsutil demo --quick`, its summary and figures, and the stage cache."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -28,6 +29,7 @@ def test_quick_demo_writes_the_summary_and_figures(quick_demo):
         assert bytes_[0] == m["label_bytes_full"] and bytes_ == sorted(bytes_, reverse=True)
         assert st["test_top1"] > 0.2  # even 1% of the labels teaches something
     assert s["settings"]["recover"]["ipc"] == 10 and s["seconds"] > 0 and s["seeds"] == [0]
+    assert s["environment"] == {k: v for k, v in os.environ.items() if k.startswith("DSUTIL_")}  # as it ran
     assert "±" not in summary_table(s) and "seed 0" in summary_table(s)
     figures = sorted(p.name for p in (quick_demo / "figures").glob("*.png"))
     assert figures == ["accuracy_vs_label_storage.png", "accuracy_vs_pruning.png", "images_lpld.png",

@@ -165,3 +165,18 @@ def test_every_setting_of_a_stage_has_its_flag_and_help_shows_its_default(comman
     for a in stage._actions:
         if a.option_strings and not a.required and a.dest != "help":
             assert f"(default: {a.default})" in text or f"{a.dest.split('_')[0]}: {a.default}" in text, a.dest
+
+
+def test_the_settings_reference_is_made_from_the_dataclasses():
+    """docs/settings-reference.md is what ``python -m dsutil.config`` writes: every field of every section, with its
+    type and default, so a new setting cannot be left out of it."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from dsutil.config import SECTIONS, settings_reference
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "settings-reference.md").read_text()
+    assert doc == settings_reference(), "docs/settings-reference.md is stale: python -m dsutil.config > it"
+    for name, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert f"| `{name}.{f.name}` |" in doc, (name, f.name)

@@ -1,0 +1,87 @@
+"""The notebooks' setup in one call: the preset and its run, figures shown inline and saved under the run, and
+no computation the reader did not ask for (a missing run says what it would cost and how to make it)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ExperimentConfig, load_config
+from .files import json_ready, read_json
+
+# how long each job took on the project's 2-core CPU (docs/results.md, docs/beyond-pruning.md), for the message
+# a notebook prints instead of starting it unasked
+MINUTES = {("mnist5k", False): 7, ("mnist5k", True): 1.5, ("tiny-imagenet-10", False): 62,
+           ("tiny-imagenet-10", True): 3.2, ("frontier", "mnist5k"): 26, ("frontier", "tiny-imagenet-10"): 46}
+
+
+class NotComputed(Exception):
+    """A result the notebook needs is missing and COMPUTE is off: nothing was started."""
+
+    def _render_traceback_(self):  # IPython shows this in place of a traceback
+        return [f"Not computed: {self}"]
+
+
+@dataclass
+class Notebook:
+    preset: str
+    quick: bool
+    compute: bool
+    cfg: ExperimentConfig
+    run_dir: Path
+    figures: Path
+
+    def needs(self, what: str, done: bool, command: str, minutes: float | None) -> None:
+        """Stop (with :class:`NotComputed`) unless ``done`` or the reader allowed computing."""
+        if not (done or self.compute):
+            took = f"about {minutes:g} minutes on 2 CPU cores" if minutes else "a while"
+            raise NotComputed(f"{what} is not in {self.run_dir}. Making it takes {took}: run `{command}` in a "
+                              "terminal, or set COMPUTE = True in the first cell and run the notebook again.")
+
+    def run(self) -> dict:
+        """The run's summary: read when it was made with these settings, else made (only with COMPUTE)."""
+        from .runner import ensure_run
+
+        path = self.run_dir / "summary.json"
+        done = path.exists() and json_ready(read_json(path).get("settings")) == json_ready(self.cfg.to_dict())
+        self.needs(f"the {self.preset} run" + (" (quick)" if self.quick else ""), done,
+                   f"dsutil run {self.preset}{' --quick' if self.quick else ''} --out {self.run_dir}",
+                   MINUTES.get((self.preset, self.quick)))
+        return ensure_run(self.cfg, self.run_dir)
+
+    def frontier(self) -> dict:
+        """``frontier.json`` of the preset's frontier settings: read when made with them, else made (only with
+        COMPUTE; it reuses every finished stage)."""
+        from dataclasses import asdict
+
+        from .frontier import run_frontier
+
+        path = self.run_dir / "frontier.json"
+        done = path.exists() and json_ready(read_json(path).get("frontier")) == json_ready(asdict(self.cfg.frontier))
+        self.needs(f"the {self.preset} frontier", done, f"dsutil frontier {self.preset}{' --quick' if self.quick else ''}"
+                   f" --out {self.run_dir}", None if self.quick else MINUTES.get(("frontier", self.preset)))
+        return read_json(path) if done else run_frontier(self.cfg, self.run_dir)
+
+    def show(self, fig, name: str, prefix: bool = True) -> Path:
+        """Display ``fig`` inline and save it as ``figures/<preset>_<name>.png`` (``prefix=False``: ``<name>.png``)."""
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        from .plots import save_open
+
+        path = save_open(fig, self.figures / (f"{self.preset}_{name}.png" if prefix else f"{name}.png"))
+        display(fig)
+        plt.close(fig)
+        return path
+
+
+def start(preset: str, quick: bool = False, compute: bool = False) -> Notebook:
+    """The notebook's preset and folders: the run in ``DSUTIL_RUN`` (default ``../runs/<preset>[-quick]``), its
+    figures in ``DSUTIL_FIGURES`` (default: the run's ``figures/``; the README's ``figures/`` is refreshed by
+    ``make figures`` alone)."""
+    from . import plots
+
+    plots.theme()
+    run_dir = Path(os.environ.get("DSUTIL_RUN") or f"../runs/{preset}" + ("-quick" if quick else ""))
+    figures = Path(os.environ.get("DSUTIL_FIGURES") or run_dir / "figures")
+    return Notebook(preset, quick, compute, load_config(preset, quick=quick), run_dir, figures)

@@ -1,0 +1,32 @@
+"""The package's shape: no import circle between its modules, deferred (in-function) imports included."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dsutil"
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return deps & modules
+
+
+def test_no_module_imports_itself_through_others():
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    graph = {m: imports_of(PACKAGE / f"{m}.py", modules) for m in modules}
+    state: dict[str, str] = {}
+
+    def visit(m, path):  # depth-first; a module met again while on the path closes a circle
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            assert state.get(d) != "open", "import circle: " + " -> ".join([*path, m, d])
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = "done"
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m, [])
+    assert {"runner", "config", "frontier", "squeeze", "recover"} <= modules and graph["frontier"] >= {"runner"}
