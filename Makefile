@@ -18,10 +18,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/dsutil demo
 
-# the suite on every core (pytest-xdist; the tests of one shared quick run stay on one worker), after the lint
+# the lint, then the suite in one process (with more cores: pytest -n auto --dist loadgroup; the tests of one
+# shared quick run stay on one worker)
 test: install
-	$(BIN)/ruff check dsutil tests benchmarks
-	$(BIN)/python -m pytest -n auto --dist loadgroup
+	$(BIN)/ruff check dsutil tests benchmarks browser_tests
+	$(BIN)/python -m pytest
 
 # every notebook in a real JupyterLab driven by headless Chromium (Debian's, installed here when missing);
 # screenshots in .artifacts/browser/

@@ -62,17 +62,16 @@ class Notebook:
                    f" --out {self.run_dir}", None if self.quick else MINUTES.get(("frontier", self.preset)))
         return read_json(path) if done else run_frontier(self.cfg, self.run_dir)
 
-    def show(self, fig, name: str, prefix: bool = True) -> Path:
+    def show(self, fig, name: str, prefix: bool = True) -> None:
         """Display ``fig`` inline and save it as ``figures/<preset>_<name>.png`` (``prefix=False``: ``<name>.png``)."""
         import matplotlib.pyplot as plt
         from IPython.display import display
 
         from .plots import save_open
 
-        path = save_open(fig, self.figures / (f"{self.preset}_{name}.png" if prefix else f"{name}.png"))
+        save_open(fig, self.figures / (f"{self.preset}_{name}.png" if prefix else f"{name}.png"))
         display(fig)
         plt.close(fig)
-        return path
 
 
 def start(preset: str, quick: bool = False, compute: bool = False) -> Notebook:
