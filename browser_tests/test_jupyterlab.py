@@ -110,7 +110,8 @@ NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_the_notebook_runs_in_jupyterlab(name, lab, browser):
     url, token = lab
-    browser.get(f"{url}/lab/tree/{name}?token={token}")
+    # a workspace of its own, reset: only this notebook is open, so the app's current widget is this notebook
+    browser.get(f"{url}/lab/workspaces/{Path(name).stem}/tree/{name}?reset&token={token}")
     wait_for(browser, lambda: (browser.execute_script(STATE_JS) or {}).get("kernel") == "idle", 180,
              f"{name} to open with an idle kernel")
     browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells')")
