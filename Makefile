@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine with Python 3.11 and pip:
 #   make demo   runs the main job (the MNIST-5k demo)
-#   make test   runs the lint and the test suite; make browser-test the notebooks in JupyterLab and Chromium (`pytest -m "not slow"`: the inner loop of a few minutes)
+#   make test   runs the lint and the test suite; make browser-test the notebooks in JupyterLab and Chromium (`pytest -m "not slow"` leaves out the longest tests)
 # Each creates .venv and installs dsutil with its test and notebook extras if needed.
 PYTHON ?= python3
 VENV ?= .venv

@@ -11,7 +11,7 @@ from dsutil.recover import RecoverConfig, recover
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from crash_loop import kill_until_done, relabel_cmd, same_store, same_student, train_cmd  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("crash_loop")  # one worker builds the module's clean run once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("crash_loop")]  # one worker builds the module's clean run once
 KILL_TIMES = [4.0, 5.0, 6.0]  # seconds after start; the import of torch takes about 3 of them
 
 

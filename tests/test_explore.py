@@ -1,4 +1,5 @@
 """The run explorer's numbers (dsutil.explore) against a brute-force float64 loop over the same images."""
+import pytest
 import torch
 
 from dsutil.data import train_targets
@@ -7,6 +8,8 @@ from dsutil.image_store import ImageSet
 from dsutil.models import penultimate_features
 from dsutil.recover import recover_dir
 from dsutil.runner import per_class_sample
+
+pytestmark = pytest.mark.slow  # the session's quick demo run
 
 
 def test_the_class_view_equals_a_loop_over_every_pair(quick_demo):

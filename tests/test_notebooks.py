@@ -68,6 +68,7 @@ MNIST_NOTEBOOKS = ("01_quickstart",)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_notebook_runs_in_quick_mode(path, quick_env):
     if os.environ["DSUTIL_PRESET"] == "mnist5k" and path.stem not in MNIST_NOTEBOOKS:
         pytest.skip("run on tiny-imagenet-10 only (same cells, no one-channel images)")

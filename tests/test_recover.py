@@ -44,6 +44,7 @@ def test_batched_engine_equals_groups_one_at_a_time(mnist_run, method):
     assert (together[0].images - together[1].images).abs().max() > 0.1
 
 
+@pytest.mark.slow
 def test_lpld_images_are_more_diverse_than_sre2l(copy_squeeze, tmp_path):
     run = copy_squeeze(tmp_path / "run")
     teacher, *_ = load_squeezed(run)
@@ -101,6 +102,7 @@ def test_clear_errors(copy_squeeze, tmp_path):
         recover(run, RecoverConfig(ipc=1, iterations=1), device="cpu")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_images(copy_squeeze, tmp_path):
     args = ["--method", "lpld", "--ipc", "2", "--iterations", "100", "--batch-images", "2", "--seed", "3",
             "--device", "cpu"]

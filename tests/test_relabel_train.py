@@ -203,6 +203,7 @@ def test_student_trains_on_stored_labels_and_refuses_other_settings(run, make_st
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_interrupted_student_resumes_to_the_same_weights(run, make_store, tmp_path):
     """A store with one bad epoch file stops training part-way, deterministically; once the file is
     repaired, the rerun resumes from the checkpoint and ends where an uninterrupted run ends. With the
@@ -425,6 +426,7 @@ def test_a_damaged_manifest_names_itself(make_store, tmp_path):
         LabelStore(store)
 
 
+@pytest.mark.slow
 def test_topk_of_every_class_trains_the_same_student_as_full_labels(run, make_store, tmp_path):
     """`dsutil relabel --topk C` then `dsutil train`, unchanged: the same weights as from the full store."""
     from dsutil.cli import main

@@ -40,6 +40,7 @@ def test_quick_demo_writes_the_summary_and_figures(quick_demo):
             assert len(np.unique(np.asarray(im.convert("L")))) > 10  # not a blank canvas
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_stage_and_student_epochs_rerun_only_students(quick_demo, tmp_path):
     out = tmp_path / "demo"
     shutil.copytree(quick_demo, out)
@@ -99,6 +100,7 @@ def test_seeds_must_be_distinct_and_given():
             load_config("mnist5k", {"seeds": bad})
 
 
+@pytest.mark.slow
 def test_tiny_imagenet_preset_runs_with_seeds(quick_tiny):
     """The natural-image preset at a tiny scale: the demo's summary shape plus per-seed values, mean and std."""
     s = json.loads((quick_tiny / "summary.json").read_text())
