@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine with Python 3.11 and pip:
 #   make demo   runs the main job (the MNIST-5k demo)
-#   make test   runs the lint and the test suite; make browser-test the notebooks in JupyterLab and Chromium (`pytest -m "not slow"` leaves out the longest tests)
+#   make test   runs the lint and the test suite (`pytest -m "not slow"` leaves out the longest tests)
+#   make browser-test   runs the notebooks in JupyterLab and headless Chromium (not part of CI yet)
 # Each creates .venv and installs dsutil with its test and notebook extras if needed.
 PYTHON ?= python3
 VENV ?= .venv
