@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine with Python 3.11 and pip:
 #   make demo   runs the main job (the MNIST-5k demo)
 #   make test   runs the lint and the test suite (`pytest -m "not slow"` leaves out the longest tests)
-#   make browser-test   runs the notebooks in JupyterLab and headless Chromium (not part of CI yet)
+#   make browser-test   runs the notebooks in JupyterLab and headless Chromium (CI runs it after make test)
 # Each creates .venv and installs dsutil with its test and notebook extras if needed.
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,11 +19,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/dsutil demo
 
-# the lint, then the suite in one process (with more cores: pytest -n auto --dist loadgroup; the tests of one
-# shared quick run stay on one worker)
+# the lint, then the suite on a worker per core (--dist loadgroup: the tests of one shared quick run, or of one
+# crash-loop module, stay on one worker)
 test: install
 	$(BIN)/ruff check dsutil tests benchmarks browser_tests
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 # every notebook in a real JupyterLab driven by headless Chromium (Debian's, installed here when missing);
 # screenshots in .artifacts/browser/

@@ -75,7 +75,7 @@ def make_run(work: Path, n: int, device: torch.device) -> tuple[Path, Path]:
 def held_batches(images: Path, steps: list, cfg, store, device) -> list:
     """Every step's (replayed images, stored logits) on the device, as the stage's loader yields them."""
     from dsutil.image_store import ImageSet
-    from dsutil.relabel import StepBatches
+    from dsutil.replay import StepBatches
 
     batches = StepBatches(ImageSet(images / "images.safetensors"), steps, cfg, store)
     return [(x.to(device), None if logits is None else logits.to(device).float())

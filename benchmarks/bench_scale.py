@@ -94,7 +94,8 @@ def replay_rate(size: int = 224, n: int = 200) -> float:
     """Images per second one process replays (reads uint8 rows, crops, resizes, flips) at ``size`` px: what
     each DataLoader worker feeds a GPU at ImageNet resolution."""
     from dsutil.image_store import ImageSet, write_image_set
-    from dsutil.relabel import RelabelConfig, StepBatches
+    from dsutil.relabel import RelabelConfig
+    from dsutil.replay import StepBatches
 
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dsutil_bench_replay{size}.safetensors"
     pixels = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)

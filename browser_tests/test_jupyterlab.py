@@ -1,5 +1,6 @@
 """Every notebook in a real JupyterLab, driven by headless Chromium: run to the end on the tiny-imagenet-10 quick
-run with no error output, every figure inline, and the run explorer answering a change of class.
+run with no error output and no warning, every figure inline and saved under DSUTIL_FIGURES with the preset's
+name, and the run explorer answering a change of class.
 
 JupyterLab is started here (a free port, a token, the app exposed to the page) on a copy of the notebooks, so
 running them changes no tracked file; screenshots of each notebook go to ``.artifacts/browser/``. `make
@@ -38,7 +39,9 @@ const cells = w.content.widgets.filter(c => c.model.type === 'code');
 return {kernel: kernel ? kernel.status : null, cells: cells.length,
         done: cells.filter(c => c.model.executionCount !== null).length,
         errors: cells.flatMap(c => c.model.outputs.toJSON().filter(o => o.output_type === 'error')
-                                   .map(o => o.ename + ': ' + o.evalue))};
+                                   .map(o => o.ename + ': ' + o.evalue)),
+        warnings: cells.flatMap(c => c.model.outputs.toJSON().filter(o => o.output_type === 'stream' &&
+                                     o.name === 'stderr' && /warn/i.test(o.text)).map(o => o.text))};
 """
 
 
@@ -76,7 +79,7 @@ def lab(tmp_path_factory):
     else:
         server.kill()
         pytest.fail(f"JupyterLab did not start: {(work / 'jupyter.log').read_text()[-2000:]}")
-    yield url, token
+    yield url, token, work / "figures"
     server.terminate()
     server.wait(30)
 
@@ -109,7 +112,8 @@ NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_the_notebook_runs_in_jupyterlab(name, lab, browser):
-    url, token = lab
+    url, token, figures_dir = lab
+    before = {p: p.stat().st_mtime_ns for p in figures_dir.glob("*.png")}
     # a workspace of its own, reset: only this notebook is open, so the app's current widget is this notebook
     browser.get(f"{url}/lab/workspaces/{Path(name).stem}/tree/{name}?reset&token={token}")
     wait_for(browser, lambda: (browser.execute_script(STATE_JS) or {}).get("kernel") == "idle", 180,
@@ -127,6 +131,11 @@ def test_the_notebook_runs_in_jupyterlab(name, lab, browser):
         browser.save_screenshot(str(ARTIFACTS / f"{Path(name).stem}.png"))
         print(name, browser.execute_script(STATE_JS))
     assert not state["errors"], f"{name}: {state['errors']}"
+    assert not state["warnings"], f"{name} shows warnings: {state['warnings']}"
+    saved = [p.name for p in figures_dir.glob("*.png") if before.get(p) != p.stat().st_mtime_ns]
+    assert saved, f"{name} saved no figure into DSUTIL_FIGURES"
+    if not name.startswith("04_"):  # the paper's storage figures belong to no preset
+        assert all(n.startswith("tiny-imagenet-10_") for n in saved), saved
     figures = browser.find_elements("css selector", ".jp-OutputArea-output img")
     assert figures, f"{name} shows no figure inline"
     assert all(browser.execute_script("return arguments[0].naturalWidth", im) > 0 for im in figures)

@@ -5,16 +5,17 @@ import torch
 import torch.nn.functional as F
 
 
-def within_class_cosine(features: torch.Tensor, labels: torch.Tensor) -> float:
+def within_class_cosine(features: torch.Tensor, labels: torch.Tensor) -> float | None:
     """Mean over classes of the mean cosine similarity of distinct pairs of one class.
 
     High values mean the images of a class look alike to the teacher.
-    Classes with fewer than two images are skipped.
+    Classes with fewer than two images are skipped; with none left (one image per class) there is no pair to
+    measure, and the answer is None.
     """
     return streamed_within_class_cosine([(features, labels)])
 
 
-def streamed_within_class_cosine(batches) -> float:
+def streamed_within_class_cosine(batches) -> float | None:
     """:func:`within_class_cosine` over ``(features, labels)`` batches, in memory of one batch and one sum per
     class: with unit vectors z, the distinct pairs of a class of n images sum to (|sum z|^2 - n) / 2, so the mean
     pair cosine is (|sum z|^2 - n) / (n (n - 1)), exact in float64 whatever the number of images."""
@@ -27,9 +28,7 @@ def streamed_within_class_cosine(batches) -> float:
             sums[c] = sums.get(c, 0) + z[mine].sum(0)
             counts[c] = counts.get(c, 0) + int(mine.sum())
     means = [((sums[c] @ sums[c]) - n) / (n * (n - 1)) for c, n in counts.items() if n >= 2]
-    if not means:
-        raise ValueError("no class has two or more images")
-    return float(torch.stack(means).mean())
+    return float(torch.stack(means).mean()) if means else None
 
 
 def pairwise_cosines(features: torch.Tensor, labels: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
+from .data import DATASETS, NORMALIZATIONS
 from .labels import PRUNE_METRICS
 from .recover import METHODS, REAL, RecoverConfig
 from .relabel import RelabelConfig
-from .settings import build, one_of, require
+from .settings import build, check_choices, one_of, require
 from .squeeze import TeacherConfig
 from .train import StudentConfig
 
@@ -51,21 +53,18 @@ class FrontierConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist5k"
-    root: str | None = None
-    num_classes: int | None = None
-    per_class: int | None = None
-    image_size: int | None = None
-    seed: int = 0
+    dataset: str = "mnist5k"  # mnist5k (embedded), tiny-imagenet, imagefolder, cifar10 or cifar100
+    root: str | None = None  # folder of the dataset (not needed for mnist5k)
+    num_classes: int | None = None  # keep only the first N classes
+    per_class: int | None = None  # keep only the first N training images per class
+    image_size: int | None = None  # resize images to this size
+    seed: int = 0  # of the mnist5k train/test split
     eval_resize: int | None = None  # imagefolder: held-out images' shorter side before the image_size crop (256)
     normalize: str | None = None  # a named mean/std (data.NORMALIZATIONS) in place of the dataset's own
+    CHOICES: ClassVar[dict] = {"dataset": DATASETS, "normalize": tuple(NORMALIZATIONS)}
 
     def __post_init__(self):
-        from .data import DATASETS, NORMALIZATIONS
-
-        one_of("dataset", self.dataset, DATASETS)
-        require(self.normalize is None or self.normalize in NORMALIZATIONS, "normalize", self.normalize,
-                f"one of {', '.join(NORMALIZATIONS)} (or null: the dataset's own)")
+        check_choices(self)
         require(self.eval_resize is None or (self.dataset == "imagefolder" and self.image_size is not None
                                              and self.eval_resize >= self.image_size), "eval_resize",
                 self.eval_resize, "at least image_size, for an imagefolder with an image_size (or null)")

@@ -265,6 +265,18 @@ def _current(path: Path, z: Path) -> bool:
     return marker is not None and marker.is_file() and marker.read_text() == _zip_stamp(z)
 
 
+def _extracted(target: Path, zips: list[Path], num_classes: int | None) -> bool:
+    """Whether the cache already holds, current with today's zips, the base files and the training folders of the
+    first ``num_classes`` wnids (None: all): then no zip's directory (about 0.4 s each) needs reading."""
+    stamps = {_zip_stamp(z) for z in zips}
+    bases = list(target.glob(".dsutil-base-*"))  # the base files come from the zips that hold them
+    if not bases or any(b.read_text() not in stamps for b in bases) or not (target / "wnids.txt").is_file():
+        return False
+    wnids = sorted(set((target / "wnids.txt").read_text().split()))
+    markers = [target / "train" / w / ".dsutil-zip" for w in (wnids[:num_classes] if num_classes else wnids)]
+    return all(m.is_file() and m.read_text() in stamps for m in markers)
+
+
 def tiny_imagenet_root(root: str | os.PathLike | None = None, num_classes: int | None = None) -> Path:
     """The Tiny-ImageNet folder: ``root`` itself, or the shared zips extracted into the cache.
 
@@ -283,6 +295,8 @@ def tiny_imagenet_root(root: str | os.PathLike | None = None, num_classes: int |
         raise DatasetError(f"no shared Tiny-ImageNet zips (tiny-imagenet-200-*.zip) in {SHARED_TINY}; pass the "
                            f"folder of an unzipped {TINY_URL} as root (--data-root)")
     target = cache_dir() / "tiny-imagenet-200"
+    if _extracted(target, zips, num_classes):
+        return target
     target.mkdir(parents=True, exist_ok=True)
     parts = {z: _zip_parts(z) for z in zips}
     for z, p in parts.items():

@@ -136,3 +136,37 @@ def pruning_view(summary: dict):
     slider.observe(draw, "value")
     draw()
     return w.VBox([slider, table])
+
+
+def toy_view(k: int = 8, steps: int = 300):
+    """Notebook 05's toy with sliders: the BN weight r_bn, the real classes' width and their separation; SRe2L's
+    and LPLD's points side by side over the real ones, redrawn on each change."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from . import plots, toy
+
+    r_bn = w.FloatSlider(value=1.0, min=0.0, max=3.0, step=0.25, description="r_bn", continuous_update=False)
+    sigma = w.FloatSlider(value=0.5, min=0.1, max=1.5, step=0.1, description="class width", continuous_update=False)
+    separation = w.FloatSlider(value=1.0, min=0.25, max=2.0, step=0.25, description="separation",
+                               continuous_update=False)
+    out, text = w.Output(), w.HTML()
+
+    def draw(*_):
+        real_x, real_y, centres = toy.real_points(sigma.value, separation.value)
+        sets = {m: toy.synthesise(real_x, real_y, centres, m, k, steps, r_bn.value) for m in ("sre2l", "lpld")}
+        spread = {m: toy.within_class_spread(*s) for m, s in sets.items()}
+        text.value = (f"within-class spread per axis: real {toy.within_class_spread(real_x, real_y):.3f}, "
+                      + ", ".join(f"{plots.METHOD_NAMES[m]} {v:.3f}" for m, v in spread.items()))
+        with out:
+            out.clear_output(wait=True)
+            fig = plots.feature_panels(sets, ["A", "B", "C"], f"Toy: {k} synthetic points per class (real points faint)",
+                                       background=(real_x, real_y), axis_labels=("feature 1", "feature 2"))
+            display(fig)
+            plt.close(fig)
+
+    for s in (r_bn, sigma, separation):
+        s.observe(draw, "value")
+    draw()
+    return w.VBox([w.HBox([r_bn, sigma, separation]), text, out])

@@ -156,8 +156,11 @@ def load_model(path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     state, meta = load_tensors(path, device)
     if "model" not in meta:
         raise ValueError(f"{path} has no model spec in its metadata; was it written by dsutil?")
-    model = build_model(**meta["model"]).to(device)
-    model.load_state_dict(state)
+    try:
+        model = build_model(**meta["model"]).to(device)
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as e:  # a spec or weights that do not make a model
+        raise ValueError(f"{path} does not hold a dsutil model: {e}") from e
     return model.eval(), meta["model"]
 
 

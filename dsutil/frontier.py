@@ -10,6 +10,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .files import write_json
+from .layout import frontier_student_dir
 from .runner import Stages, ensure_labels, ensure_run, ensure_student, over_seeds
 from .runtime import is_main
 from .settings import build, require
@@ -31,9 +32,8 @@ def run_frontier(cfg, out, progress: bool = True) -> dict:
             store = ensure_labels(out, method, ipc, rcfg, cfg.device, progress, stages)
             scfg = build(type(cfg.student), asdict(cfg.student) | fcfg.policies[policy] | {"prune_ratio": r},
                          f"frontier policy {policy!r}")
-            name = f"{method}-ipc{ipc}-k{k or 'all'}-r{r:g}-{policy}"
             runs = [ensure_student(out, method, replace(scfg, seed=seed), ipc, cfg.device, data, progress, stages,
-                                   store=store, folder=out / "frontier" / f"{name}-s{seed}") for seed in fcfg.seeds]
+                                   store=store, folder=frontier_student_dir(out, method, ipc, k, r, policy, seed)) for seed in fcfg.seeds]
             point = {"method": method, "prune_ratio": r, "topk": k, "policy": policy} | over_seeds(runs, fcfg.seeds)
             if (r, k, policy) == (0.0, None, "constant"):
                 full = point["label_bytes"]

@@ -187,8 +187,8 @@ class LabelStore:
             self.present = {int(e): [int(b) for b in ids] for e, ids in m["present"].items()}
             self.topk = m.get("topk")  # None: full logits are stored
             self.topk_fill = m.get("topk_fill", "min")  # the fill of stores made before there were others
-            ok = (isinstance(m["classes"], list) and all(isinstance(c, str) for c in m["classes"])
-                  and m["dtype"] in DTYPES and (self.topk is None or type(self.topk) is int and self.topk >= 1)
+            ok = (isinstance(m["classes"], list) and len(m["classes"]) >= 1 and all(isinstance(c, str) for c in m["classes"])
+                  and m["dtype"] in DTYPES and (self.topk is None or type(self.topk) is int and 1 <= self.topk <= len(m["classes"]))
                   and self.topk_fill in TOPK_FILLS
                   and all(type(m[k]) is int and m[k] >= 1 for k in ("epochs", "batches_per_epoch"))
                   and isinstance(m["images"], str) and isinstance(m["images_sha256"], str))
@@ -196,7 +196,7 @@ class LabelStore:
             raise LabelStoreError(f"{self.path / 'manifest.json'} is not a label store manifest ({e!r})") from None
         if not ok:
             raise LabelStoreError(f"{self.path / 'manifest.json'} is not a label store manifest: classes, dtype, "
-                                  "topk, topk_fill, epochs, batches_per_epoch, images or images_sha256 has the wrong type")
+                                  "topk, topk_fill, epochs, batches_per_epoch, images or images_sha256 has the wrong type or value")
         self._handles: dict[int, object] = {}
         self._offsets: dict[int, dict[int, tuple[int, int]]] = {}
 

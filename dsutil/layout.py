@@ -3,6 +3,9 @@ runner's stage cache remove exactly these (a user's own files stay), and every m
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import fields
 from pathlib import Path
 
 SQUEEZE_FILES = ("teacher.safetensors", "bn_stats.safetensors", "squeeze.json", "teacher_metrics.jsonl")
@@ -29,3 +32,45 @@ def recover_dir(run_dir, method: str, ipc: int) -> Path:
 def label_store_dir(run_dir, method: str, ipc: int, topk: int | None = None, topk_fill: str = "zero") -> Path:
     """The runner's label store of a set: ``labels/<method>-ipc<N>[-k<K>-<fill>]``."""
     return Path(run_dir) / "labels" / (f"{method}-ipc{ipc}" + (f"-k{topk}-{topk_fill}" if topk else ""))
+
+
+def relabel_store_dir(run_dir, images_dir, cfg) -> Path:
+    """The store of ``dsutil relabel`` without ``--out``: ``labels/<images>-e<E>-b<B>-<mix>[-r..][-k..]``."""
+    name = f"{Path(images_dir).name}-e{cfg.epochs}-b{cfg.batch_size}-{cfg.mix}"
+    if cfg.prune_ratio:
+        name += f"-r{cfg.prune_ratio:g}" + ("" if cfg.prune_pool == "uniform" else f"-{cfg.prune_pool}")
+    if cfg.topk:
+        name += f"-k{cfg.topk}-{cfg.topk_fill}" + (f"-t{cfg.topk_temperature:g}" if cfg.topk_fill == "probs" else "")
+    return Path(run_dir) / "labels" / name
+
+
+def others_hash(cfg, named: tuple[str, ...]) -> str:
+    """``-<8 hex>`` of every setting outside ``named`` that differs from the dataclass's defaults ("" if none),
+    so that folders of other settings never share a name while the defaults keep their short, old names."""
+    default = type(cfg)()
+    others = {f.name: getattr(cfg, f.name) for f in fields(cfg)
+              if f.name not in named and getattr(cfg, f.name) != getattr(default, f.name)}
+    return "-" + hashlib.sha256(json.dumps(others, sort_keys=True, default=str).encode()).hexdigest()[:8] if others else ""
+
+
+def student_dir(run_dir, method: str, ipc: int, scfg) -> Path:
+    """The runner's student: ``students/<method>-ipc<N>-<metric>-r<r>[-granularity][-pool][-draw][-s<seed>][-hash]``."""
+    suffix = ("" if scfg.granularity == "batch" else f"-{scfg.granularity}") + \
+        ("" if scfg.pool == "uniform" else f"-{scfg.pool}") + ("" if scfg.draw == "cycle" else f"-{scfg.draw}") + \
+        (f"-s{scfg.seed}" if scfg.seed else "")
+    named = ("metric", "prune_ratio", "granularity", "pool", "draw", "seed", "scores_from")
+    return Path(run_dir) / "students" / f"{method}-ipc{ipc}-{scfg.metric}-r{scfg.prune_ratio:g}{suffix}{others_hash(scfg, named)}"
+
+
+def trained_student_dir(run_dir, labels, scfg) -> Path:
+    """The student of ``dsutil train`` without ``--out``: ``students/<labels>-<arch>-r<r>-<metric>-<granularity>
+    [-online][-hash]``."""
+    name = f"{Path(labels).name}-{scfg.arch}-r{scfg.prune_ratio:g}-{scfg.metric}-{scfg.granularity}"
+    named = ("arch", "prune_ratio", "metric", "granularity", "online")
+    return Path(run_dir) / "students" / (name + ("-online" if scfg.online else "") + others_hash(scfg, named))
+
+
+def frontier_student_dir(run_dir, method: str, ipc: int, topk: int | None, prune_ratio: float, policy: str,
+                         seed: int) -> Path:
+    """A student of the frontier grid: ``frontier/<method>-ipc<N>-k<K|all>-r<r>-<policy>-s<seed>``."""
+    return Path(run_dir) / "frontier" / f"{method}-ipc{ipc}-k{topk or 'all'}-r{prune_ratio:g}-{policy}-s{seed}"

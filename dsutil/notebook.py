@@ -40,10 +40,9 @@ class Notebook:
 
     def run(self) -> dict:
         """The run's summary: read when it was made with these settings, else made (only with COMPUTE)."""
-        from .runner import ensure_run
+        from .runner import ensure_run, finished_summary
 
-        path = self.run_dir / "summary.json"
-        done = path.exists() and json_ready(read_json(path).get("settings")) == json_ready(self.cfg.to_dict())
+        done = finished_summary(self.cfg, self.run_dir) is not None
         self.needs(f"the {self.preset} run" + (" (quick)" if self.quick else ""), done,
                    f"dsutil run {self.preset}{' --quick' if self.quick else ''} --out {self.run_dir}",
                    MINUTES.get((self.preset, self.quick)))
@@ -63,21 +62,21 @@ class Notebook:
         return read_json(path) if done else run_frontier(self.cfg, self.run_dir)
 
     def show(self, fig, name: str, prefix: bool = True) -> None:
-        """Display ``fig`` inline and save it as ``figures/<preset>_<name>.png`` (``prefix=False``: ``<name>.png``)."""
+        """Display ``fig`` inline and save it as ``figures/<experiment>_<name>.png`` (``prefix=False``: ``<name>.png``)."""
         import matplotlib.pyplot as plt
         from IPython.display import display
 
         from .plots import save_open
 
-        save_open(fig, self.figures / (f"{self.preset}_{name}.png" if prefix else f"{name}.png"))
+        save_open(fig, self.figures / (f"{self.cfg.name}_{name}.png" if prefix else f"{name}.png"))
         display(fig)
         plt.close(fig)
 
 
 def start(preset: str, quick: bool = False, compute: bool = False) -> Notebook:
-    """The notebook's preset and folders: the run in ``DSUTIL_RUN`` (default ``../runs/<preset>[-quick]``), its
-    figures in ``DSUTIL_FIGURES`` (default: the run's ``figures/``; the README's ``figures/`` is refreshed by
-    ``make figures`` alone)."""
+    """The notebook's preset (a name, or a YAML or JSON file such as a run's config.json) and folders: the run in
+    ``DSUTIL_RUN`` (default ``../runs/<preset>[-quick]``), its figures in ``DSUTIL_FIGURES`` (default: the run's
+    ``figures/``; the README's ``figures/`` is refreshed by ``make figures`` alone)."""
     from . import plots
 
     plots.theme()

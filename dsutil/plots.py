@@ -34,12 +34,17 @@ def save(fig, path) -> Path:
     return path
 
 
-def cosine_bars(methods: dict[str, float], real: float | None, title: str):
+def cosine_bars(methods: dict[str, float | None], real: float | None, title: str):
+    """One bar per method (a method whose set has one image per class, with no pair to compare, is marked n/a)."""
     theme()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     names = list(methods)
-    ax.bar([METHOD_NAMES.get(n, n) for n in names], [methods[n] for n in names],
+    ax.bar([METHOD_NAMES.get(n, n) for n in names], [methods[n] or 0 for n in names],
            color=[METHOD_COLORS.get(n, "C0") for n in names])
+    for i, n in enumerate(names):
+        if methods[n] is None:
+            ax.text(i, 0.05, "n/a:\none image\nper class", ha="center", va="bottom", transform=ax.get_xaxis_transform())
+    methods = {n: v for n, v in methods.items() if v is not None}
     if real is not None:
         ax.axhline(real, ls="--", color="k", lw=1, label=f"all real training images ({real:.3f})")
         ax.legend(loc="lower right")

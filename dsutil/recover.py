@@ -19,6 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from .files import atomic_path, json_ready, load_tensors, read_json, save_tensor
 from .image_store import ENCODINGS, IMAGE_FORMATS, READ_BATCH, ImageSet, quantise, write_image_set
 from .layout import RECOVER_FILES, recover_dir  # noqa: F401 (recover_dir: the run's sets, for callers)
 from .runtime import barrier, derive_seed, is_main, my_share, resolve_device
-from .settings import check_crop_scale, non_negative, one_of, positive, require
+from .settings import check_choices, check_crop_scale, non_negative, positive, require
 from .squeeze import BNStats, bn_layers, load_squeezed
 
 METHODS = {  # name -> (grouping, BN targets)
@@ -46,43 +47,39 @@ JITTER_RANGES = ("symmetric", "positive")
 @dataclass
 class RecoverConfig:
     method: str = "lpld"
-    ipc: int = 10
+    ipc: int = 10  # images per class
     iterations: int = 500
     lr: float = 0.25
-    r_bn: float = 0.01
-    first_bn_multiplier: float = 10.0
-    jitter: int = 4
+    r_bn: float = 0.01  # weight of the BN loss
+    first_bn_multiplier: float = 10.0  # extra weight of the first BN layer's loss
+    jitter: int = 4  # largest random roll, pixels
     jitter_range: str = "symmetric"  # each roll drawn from -jitter..jitter, or 0..jitter (official ImageNet-1K)
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    flip: bool = True
-    chunk_classes: int = 100
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fractions of each view
+    flip: bool = True  # horizontal flips of the views
+    chunk_classes: int = 100  # classes per cross-class group
     global_targets: str = "running"  # running: the BN layers' own buffers (SRe2L); measured: squeeze's global
     # statistics, from the same views and estimator as the class targets (squeeze's bn_views, bn_estimator)
     batch_images: int = 200  # images per teacher forward pass; groups are packed up to this
     seed: int = 0
-    bf16: bool = False
-    channels_last: bool = False
+    bf16: bool = False  # bf16 autocast (GPUs)
+    channels_last: bool = False  # channels-last memory format (GPUs)
     pixels: str = "uint8"  # how images.safetensors keeps the set: uint8 (as PNGs do) or normalised float32
     image_format: str = "lossless"  # uint8 pixels rounded, or jpeg75: the official truncation + JPEG-75 round trip
+    CHOICES: ClassVar[dict] = {"method": (*METHODS, REAL), "global_targets": GLOBAL_TARGETS, "pixels": tuple(ENCODINGS),
+                               "jitter_range": JITTER_RANGES, "image_format": IMAGE_FORMATS}
 
 
     def __post_init__(self):
-        if self.method not in METHODS and self.method != REAL:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join([*METHODS, REAL])}")
-        if self.ipc <= 0:
-            raise ValueError(f"ipc must be a positive number of images per class, got {self.ipc}")
-        if self.iterations <= 0 and self.method != REAL:
-            raise ValueError(f"iterations must be positive, got {self.iterations}")
-        one_of("global_targets", self.global_targets, GLOBAL_TARGETS)
+        check_choices(self)
+        require(self.ipc > 0, "ipc", self.ipc, "a positive number of images per class")
+        require(self.iterations > 0 or self.method == REAL, "iterations", self.iterations,
+                "a positive number (real images need none)")
         self.crop_scale = tuple(self.crop_scale)
         check_crop_scale(self.crop_scale)
         for name in ("lr", "chunk_classes", "batch_images"):
             positive(name, getattr(self, name))
         for name in ("r_bn", "first_bn_multiplier", "jitter"):
             non_negative(name, getattr(self, name))
-        one_of("pixels", self.pixels, ENCODINGS)
-        one_of("jitter_range", self.jitter_range, JITTER_RANGES)
-        one_of("image_format", self.image_format, IMAGE_FORMATS)
         require(self.image_format == "lossless" or self.pixels == "uint8", "image_format", self.image_format,
                 "lossless, unless pixels is uint8 (a JPEG holds uint8 pixels)")
 

@@ -12,19 +12,19 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .augment import rrc_boxes
 from .files import claim, file_sha256, json_ready, read_json, remove_own, write_json
 from .image_store import ImageSet
-from .labels import DTYPES, FORMAT_VERSION, PRUNE_POOLS, TOPK_FILLS, BatchRecord, LabelStore, check_prune_ratio, pool_order, write_epoch
-from .layout import PENDING, STORE_FILES, TIMING
+from .labels import DTYPES, FORMAT_VERSION, PRUNE_POOLS, TOPK_FILLS, BatchRecord, check_prune_ratio, pool_order, write_epoch
+from .layout import PENDING, STORE_FILES, TIMING, relabel_store_dir
+from .replay import StepBatches, epoch_records
 from .runtime import LoaderWait, barrier, derive_seed, is_main, loader_options, my_share, resolve_device
-from .settings import check_crop_scale, one_of, positive, require
+from .settings import check_choices, check_crop_scale, positive, require
 from .squeeze import load_squeezed
 
 MIXES = ("none", "cutmix", "mixup")
@@ -34,11 +34,11 @@ MIXES = ("none", "cutmix", "mixup")
 class RelabelConfig:
     epochs: int = 200
     batch_size: int = 50
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    flip: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fractions of each crop
+    flip: bool = True  # horizontal flips of the crops
     mix: str = "none"
-    mix_alpha: float = 1.0
-    dtype: str = "fp16"
+    mix_alpha: float = 1.0  # Beta(alpha, alpha) of CutMix/MixUp
+    dtype: str = "fp16"  # of the stored logits
     prune_ratio: float = 0.0  # when > 0, only (1 - r) of the batches is ever generated: the prune_pool
     prune_pool: str = "uniform"  # which batches: uniform, first (the official code) or balanced (labels.PRUNE_POOLS)
     topk: int | None = None  # keep only the K largest logits of every label (None: all of them)
@@ -46,21 +46,17 @@ class RelabelConfig:
     topk_temperature: float = 1.0  # probs: the fixed temperature of the stored top-k probabilities
     teacher_bf16: bool = False  # the teacher labels under bf16 autocast (fast on a GPU; logits stored as dtype)
     seed: int = 0
+    CHOICES: ClassVar[dict] = {"mix": MIXES, "dtype": tuple(DTYPES), "prune_pool": PRUNE_POOLS, "topk_fill": TOPK_FILLS}
 
     def __post_init__(self):
-        if self.mix not in MIXES:
-            raise ValueError(f"mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.epochs <= 0 or self.batch_size <= 0:
-            raise ValueError(f"epochs and batch size must be positive, got {self.epochs} and {self.batch_size}")
+        check_choices(self)
+        positive("epochs", self.epochs)
+        positive("batch_size", self.batch_size)
         check_prune_ratio(self.prune_ratio)
         self.crop_scale = tuple(self.crop_scale)
         check_crop_scale(self.crop_scale)
         positive("mix_alpha", self.mix_alpha)
         require(self.topk is None or self.topk >= 1, "topk", self.topk, "1 or more (or unset: every logit)")
-        one_of("topk_fill", self.topk_fill, TOPK_FILLS)
-        one_of("prune_pool", self.prune_pool, PRUNE_POOLS)
         positive("topk_temperature", self.topk_temperature)
 
 
@@ -69,98 +65,6 @@ def label_settings(settings: dict) -> dict:
     drop = ("topk_fill", "topk_temperature") if settings.get("topk") is None else \
         ("topk_temperature",) if settings.get("topk_fill") != "probs" else ()
     return {k: v for k, v in settings.items() if k not in drop}
-
-
-def epoch_records(num_images: int, image_hw: tuple[int, int], cfg: RelabelConfig, epoch: int) -> list[BatchRecord]:
-    """The batches of one epoch with all their random draws (no logits yet); fixed by seed and epoch."""
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "relabel", epoch))
-    perm = torch.randperm(num_images, generator=gen)
-    records = []
-    for b, index in enumerate(perm.split(cfg.batch_size)):
-        n = len(index)
-        boxes = rrc_boxes(n, *image_hw, cfg.crop_scale, generator=gen)
-        flips = torch.rand(n, generator=gen) < 0.5 if cfg.flip else torch.zeros(n, dtype=torch.bool)
-        mix_perm, lam, mix_box = torch.arange(n), 1.0, torch.zeros(4, dtype=torch.long)
-        if cfg.mix != "none":
-            mix_perm = torch.randperm(n, generator=gen)
-            lam = _beta(cfg.mix_alpha, gen)
-            if cfg.mix == "cutmix":
-                mix_box, lam = _cutmix_box(lam, *image_hw, gen)
-        records.append(BatchRecord(epoch, b, index, boxes, flips, mix_perm, lam, mix_box))
-    return records
-
-
-def _beta(alpha: float, gen: torch.Generator) -> float:
-    """A Beta(alpha, alpha) draw, seeded from the epoch's generator so it replays."""
-    import numpy as np
-
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
-
-
-def _cutmix_box(lam: float, height: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
-    """A box of area about (1 - lam), centred uniformly and clipped; lam is corrected to the clipped area."""
-    cut = math.sqrt(1 - lam)
-    ch, cw = int(height * cut), int(width * cut)
-    cy, cx = (int(v) for v in torch.randint(0, height, (1,), generator=gen).tolist() +
-              torch.randint(0, width, (1,), generator=gen).tolist())
-    top, bottom = max(cy - ch // 2, 0), min(cy + ch // 2, height)
-    left, right = max(cx - cw // 2, 0), min(cx + cw // 2, width)
-    box = torch.tensor([top, left, bottom - top, right - left])
-    return box, 1 - (bottom - top) * (right - left) / (height * width)
-
-
-def replay(images, rec: BatchRecord) -> torch.Tensor:
-    """The augmented batch of a record, rebuilt with torchvision v2 ops from ``images`` (a tensor of the
-    distilled set or an :class:`~dsutil.image_store.ImageSet`, of which only the batch's rows are read)."""
-    size = list(images.shape[-2:])
-    out = []
-    for x, (top, left, h, w), flip in zip(images[rec.index], rec.boxes.tolist(), rec.flips.tolist()):
-        x = TF.resized_crop(x, top, left, h, w, size, antialias=True)
-        out.append(TF.horizontal_flip(x) if flip else x)
-    x = torch.stack(out)
-    if rec.mix_lam < 1.0:
-        partner = x[rec.mix_perm]
-        if rec.mix_box.any():  # CutMix: paste the partner's box
-            top, left, h, w = rec.mix_box.tolist()
-            x = x.clone()
-            x[:, :, top:top + h, left:left + w] = partner[:, :, top:top + h, left:left + w]
-        else:  # MixUp
-            x = rec.mix_lam * x + (1 - rec.mix_lam) * partner
-    return x
-
-
-class StepBatches(Dataset):
-    """Item i is the i-th step's whole batch: the replayed augmented images, the stored logits (None for a
-    step that draws its own crops: relabel, online or hard-label steps), the image indices, their hard
-    labels, their mix partners' and the mix weight. Whole batches as items let stock DataLoader workers
-    read and replay them; a step is ``("stored", epoch, batch)`` (read from the label store at
-    ``store_path``) or ``("fresh", epoch, batch)`` (drawn by :func:`epoch_records` with ``fresh_cfg``).
-    """
-
-    decodes_files = True  # loaders give it worker processes (runtime.loader_options)
-
-    def __init__(self, images: ImageSet, steps: list[tuple[str, int, int]], fresh_cfg: RelabelConfig,
-                 store_path=None):
-        self.images, self.steps, self.fresh_cfg, self.store_path = images, steps, fresh_cfg, store_path
-        self.store, self.fresh = None, (None, [])
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def __getitem__(self, i):
-        kind, epoch, batch = self.steps[i]
-        if kind == "stored":
-            if self.store is None:  # opened per worker process
-                self.store = LabelStore(self.store_path)
-            rec = self.store.read(epoch, batch)
-        else:  # the draws of a fresh epoch, made once per epoch and worker
-            if self.fresh[0] != epoch:
-                self.fresh = (epoch, {r.batch: r for r in epoch_records(len(self.images), self.images.shape[-2:],
-                                                                         self.fresh_cfg, epoch)})
-            rec = self.fresh[1][batch]
-        y = self.images.labels[rec.index]
-        return replay(self.images, rec), rec.logits, rec.index, y, y[rec.mix_perm], rec.mix_lam
 
 
 def check_input_size(images: ImageSet, spec: dict, run_dir) -> None:
@@ -180,15 +84,6 @@ def _relative_to(path: Path, run_dir) -> str:
         return str(path.resolve())
 
 
-def store_dir(run_dir, images_dir, cfg: RelabelConfig) -> Path:
-    name = f"{Path(images_dir).name}-e{cfg.epochs}-b{cfg.batch_size}-{cfg.mix}"
-    if cfg.prune_ratio:
-        name += f"-r{cfg.prune_ratio:g}" + ("" if cfg.prune_pool == "uniform" else f"-{cfg.prune_pool}")
-    if cfg.topk:
-        name += f"-k{cfg.topk}-{cfg.topk_fill}" + (f"-t{cfg.topk_temperature:g}" if cfg.topk_fill == "probs" else "")
-    return Path(run_dir) / "labels" / name
-
-
 @torch.no_grad()
 def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, device: str = "auto",
             progress: bool = True, restart: bool = False, workers: int | None = None) -> Path:
@@ -202,7 +97,7 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
     own files). ``manifest.json`` is last; a finished store of the same inputs and settings is returned as it is,
     untouched. Times go to ``timing.json``, which nothing reads, so the manifest is the same bytes on every run.
     """
-    out = Path(out) if out else store_dir(run_dir, images_dir, cfg)
+    out = Path(out) if out else relabel_store_dir(run_dir, images_dir, cfg)
     with claim(out, "relabel"):
         return _relabel(run_dir, images_dir, cfg, out, device, progress, restart, workers)
 

@@ -20,7 +20,7 @@ from .config import ExperimentConfig
 from .files import json_ready, read_json, remove_own, write_json
 from .image_store import ImageSet
 from .labels import DYNAMICS_METRICS, LabelStore
-from .layout import RECOVER_FILES, STORE_FILES, STUDENT_FILES, label_store_dir, recover_dir
+from .layout import RECOVER_FILES, STORE_FILES, STUDENT_FILES, label_store_dir, recover_dir, student_dir
 from .models import feature_batches
 from .recover import recover
 from .relabel import label_settings, relabel
@@ -212,22 +212,31 @@ def summary_table(summary: dict) -> str:
     for name, m in summary["methods"].items():
         cells = [f"{s['test_top1'] * 100:.1f}%" + ("" if s.get("test_top1_std") is None
                                                       else f"±{s['test_top1_std'] * 100:.1f}") for s in m["students"]]
-        lines.append(f"{name:<8} {m['within_class_cosine']:7.3f} " + " ".join(f"{c:>{width}}" for c in cells))
+        cosine = "n/a" if m["within_class_cosine"] is None else f"{m['within_class_cosine']:.3f}"
+        lines.append(f"{name:<8} {cosine:>7} " + " ".join(f"{c:>{width}}" for c in cells))
+    if any(m["within_class_cosine"] is None for m in summary["methods"].values()):
+        lines.append("cosine n/a: one image per class (IPC 1) has no pair to compare")
     full = next(iter(summary["methods"].values()))["label_bytes_full"]
     over = f", mean ± std over seeds {seeds}" if len(seeds) > 1 else f", seed {seeds[0]}"
     lines.append(f"student test top-1 by label pruning ratio r{over} (labels kept: 1 - r of {full} bytes)")
     return "\n".join(lines)
 
 
+def finished_summary(cfg: ExperimentConfig, out) -> dict | None:
+    """``summary.json`` of ``out`` when it was written for these settings (the frontier section aside, which the
+    run does not read), else None."""
+    path = Path(out) / "summary.json"
+    if not (path.exists() and (Path(out) / "squeeze.stage.json").exists()):
+        return None
+    summary = read_json(path)
+    run_settings = lambda d: {k: v for k, v in json_ready(d or {}).items() if k != "frontier"}  # noqa: E731
+    return summary if run_settings(summary.get("settings")) == run_settings(cfg.to_dict()) else None
+
+
 def ensure_run(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
     """The run's summary: ``summary.json`` when it was written for these settings, else ``run_experiment``
     (which itself reuses every finished stage). For notebooks that only read a run."""
-    path = Path(out) / "summary.json"
-    if path.exists() and (Path(out) / "squeeze.stage.json").exists():
-        summary = read_json(path)
-        if json_ready(summary.get("settings")) == json_ready(cfg.to_dict()):
-            return summary
-    return run_experiment(cfg, out, progress)
+    return finished_summary(cfg, out) or run_experiment(cfg, out, progress)
 
 
 def stage_hash(folder) -> str:
@@ -262,22 +271,6 @@ def ensure_recover(run_dir, rcfg, device: str = "auto", progress: bool = True, s
     return rdir
 
 
-def student_name(method: str, ipc: int, scfg) -> str:
-    """Folder name of a student under ``students/``: its pruning, seed, and a short hash of every other setting
-    that differs from the defaults, so that students of other settings never share a folder."""
-    from .train import StudentConfig
-
-    suffix = ("" if scfg.granularity == "batch" else f"-{scfg.granularity}") + \
-        ("" if scfg.pool == "uniform" else f"-{scfg.pool}") + ("" if scfg.draw == "cycle" else f"-{scfg.draw}") + \
-        (f"-s{scfg.seed}" if scfg.seed else "")
-    named = ("metric", "prune_ratio", "granularity", "pool", "draw", "seed", "scores_from")
-    default = asdict(StudentConfig())
-    others = {k: v for k, v in asdict(scfg).items() if k not in named and v != default[k]}
-    if others:
-        suffix += "-" + hashlib.sha256(json.dumps(others, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{method}-ipc{ipc}-{scfg.metric}-r{scfg.prune_ratio:g}{suffix}"
-
-
 def ensure_student(run_dir, method: str, scfg, ipc: int, device: str = "auto", data=None, progress: bool = True,
                    stages: Stages | None = None, store: Path | None = None, folder: Path | None = None) -> dict:
     """``train.json`` (plus ``dir``) of a student on the run's label store of ``method`` (or ``store``):
@@ -294,7 +287,7 @@ def ensure_student(run_dir, method: str, scfg, ipc: int, device: str = "auto", d
             reference = ensure_student(run_dir, method, full, ipc, device, data, progress, stages, store)
         scfg = replace(scfg, scores_from=reference["dir"])
     store = store or label_store_dir(run_dir, method, ipc)
-    sdir = folder or run_dir / "students" / student_name(method, ipc, scfg)
+    sdir = folder or student_dir(run_dir, method, ipc, scfg)
     stages(f"student {sdir.name}", sdir / "stage.json", asdict(scfg), [stage_hash(store)],
            lambda: train_student(run_dir, store, scfg, sdir, device, progress=progress, data=data), own=STUDENT_FILES)
     return read_json(sdir / "train.json") | {"dir": str(sdir)}

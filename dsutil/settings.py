@@ -90,6 +90,56 @@ def one_of(name: str, value, choices) -> None:
     require(value in choices, name, value, "one of " + ", ".join(map(str, choices)))
 
 
+def _optional(hint) -> tuple[object, bool]:
+    """``X | None`` -> (X, True); X -> (X, False)."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return inner[0], len(inner) < len(typing.get_args(hint))
+    return hint, False
+
+
+def check_choices(cfg) -> None:
+    """Each field named in the class's ``CHOICES`` holds one of its values (or None, where its type allows it):
+    the one list of a setting's values, which its command-line flag offers too."""
+    hints = typing.get_type_hints(type(cfg))
+    for name, choices in type(cfg).CHOICES.items():
+        value = getattr(cfg, name)
+        if value is None and _optional(hints[name])[1]:
+            continue
+        require(value in choices, name, value, "one of " + ", ".join(map(str, choices))
+                + (" (or null)" if _optional(hints[name])[1] else ""))
+
+
+def add_flags(parser, cls, flags: dict[str, str | tuple[str, ...]] | None = None, dest_prefix: str = "") -> None:
+    """A command-line flag for every field of the settings dataclass ``cls``, made from the class alone: the type,
+    the default, the choices (``cls.CHOICES``) and the help (the field's trailing comment). ``--name-with-dashes``
+    unless ``flags`` renames it; a field that is true by default is turned off by ``--no-name``. The values land
+    in ``dest_prefix + field``; :func:`from_flags` builds the dataclass back from them."""
+    hints, notes, default = typing.get_type_hints(cls), field_notes(cls), cls()
+    for f in fields(cls):
+        names = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        names = (names,) if isinstance(names, str) else names
+        value, (hint, _) = getattr(default, f.name), _optional(hints[f.name])
+        note = notes.get(f.name)
+        kw = {"dest": dest_prefix + f.name, "help": note and note.replace("%", "%%")}  # argparse formats help with %
+        if hint is bool:
+            names = tuple("--no-" + n[2:] for n in names) if value else names
+            parser.add_argument(*names, action="store_false" if value else "store_true", **kw)
+            continue
+        choices = getattr(cls, "CHOICES", {}).get(f.name)
+        kw["metavar"] = None if choices else f.name.upper()
+        if typing.get_origin(hint) is tuple:
+            items = typing.get_args(hint)
+            kw.update(nargs=len(items), metavar=("MIN", "MAX") if len(items) == 2 else None)
+            hint = items[0]
+        parser.add_argument(*names, type=hint, default=value, choices=choices, **kw)
+
+
+def from_flags(args, cls, dest_prefix: str = ""):
+    """The settings dataclass ``cls`` from the parsed flags that :func:`add_flags` made."""
+    return cls(**{f.name: getattr(args, dest_prefix + f.name) for f in fields(cls)})
+
+
 def field_notes(cls) -> dict[str, str]:
     """Each field's trailing ``# comment`` in the class source: the one place a setting is explained."""
     import inspect

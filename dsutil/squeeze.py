@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from .files import (
     write_metrics,
 )
 from .layout import made_from_teacher
-from .models import build_model
+from .models import ARCHS, build_model
 from .runtime import (
     barrier,
     derive_seed,
@@ -48,7 +48,7 @@ from .runtime import (
     world_size,
 )
 from .schedules import lr_schedule
-from .settings import non_negative, one_of, positive, require
+from .settings import check_choices, non_negative, positive, require
 
 BN_VIEWS = ("plain", "augmented")
 BN_ESTIMATORS = ("exact", "running")
@@ -68,24 +68,20 @@ class TeacherConfig:
     augment: str = "shift"  # shift (+ flip), or rrc: RandomResizedCrop 0.08-1 + flip, as the official teachers
     lr_warmup_epochs: int | None = None  # None: one-cycle (15% warm-up, cosine); N: linear warm-up N epochs, cosine
     seed: int = 0
-    pretrained: bool = False
+    pretrained: bool = False  # start from cached torchvision weights
     bn_views: str = "plain"  # what the BN statistics are measured on: plain or augmented (official) views
     bn_estimator: str = "exact"  # exact float64 sums, or running (official: momentum averages per class)
     bn_momentum: float = 0.1  # of the running estimator, as BatchNorm's default
     bn_batch_size: int = 256  # images per pass; the running estimator updates once per batch (official: 256)
+    CHOICES: ClassVar[dict] = {"arch": ARCHS, "optimizer": ("sgd", "adamw"), "augment": ("shift", "rrc"),
+                               "bn_views": BN_VIEWS, "bn_estimator": BN_ESTIMATORS}
 
     def __post_init__(self):
-        from .models import ARCHS
-
-        one_of("arch", self.arch, ARCHS)
-        one_of("bn_views", self.bn_views, BN_VIEWS)
-        one_of("augment", self.augment, ("shift", "rrc"))
+        check_choices(self)
         require(self.lr_warmup_epochs is None or 0 <= self.lr_warmup_epochs < max(1, self.epochs), "lr_warmup_epochs",
                 self.lr_warmup_epochs, "fewer than the epochs (or null: the one-cycle schedule)")
-        one_of("bn_estimator", self.bn_estimator, BN_ESTIMATORS)
         require(0 < self.bn_momentum <= 1, "bn_momentum", self.bn_momentum, "a fraction in (0, 1]")
         positive("bn_batch_size", self.bn_batch_size)
-        one_of("optimizer", self.optimizer, ("sgd", "adamw"))
         for name in ("width", "depth", "batch_size"):
             positive(name, getattr(self, name))
         for name in ("epochs", "weight_decay", "shift"):

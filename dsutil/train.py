@@ -6,6 +6,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,8 @@ from .files import atomic_path, claim, file_sha256, read_json, remove_own, save_
 from .image_store import ImageSet
 from .labels import DYNAMICS_METRICS, PRUNE_METRICS, PRUNE_POOLS, LabelStore, LabelStoreError, check_prune_ratio, coverage, select_batches
 from .layout import STUDENT_FILES
-from .models import build_model
-from .relabel import StepBatches
+from .models import ARCHS, NORMS, build_model
+from .replay import StepBatches
 from .runtime import (
     LoaderWait,
     barrier,
@@ -34,7 +35,7 @@ from .runtime import (
     world_size,
 )
 from .schedules import lr_schedule
-from .settings import non_negative, one_of, positive, require
+from .settings import check_choices, non_negative, positive, require
 
 SCHEDULES = ("constant", "step", "cosine")
 DRAWS = ("cycle", "replacement")  # how student epochs draw from the kept pool (see batch_schedule)
@@ -70,24 +71,18 @@ class StudentConfig:
     scores_from: str | None = None  # a student folder whose dynamics.safetensors scores el2n/aum/forgetting
     granularity: str = "batch"
     online: bool = False  # the teacher labels every batch on the fly; nothing is stored or read
-    workers: int = 0
+    workers: int = 0  # DataLoader worker processes
     seed: int = 0
+    CHOICES: ClassVar[dict] = {"arch": ARCHS, "norm": NORMS, "optimizer": ("adamw", "sgd"), "metric": PRUNE_METRICS,
+                               "granularity": ("batch", "epoch"), "pool": PRUNE_POOLS, "draw": DRAWS,
+                               "temperature_schedule": SCHEDULES}
 
     def __post_init__(self):
-        from .models import ARCHS, NORMS
-
-        one_of("arch", self.arch, ARCHS)
-        one_of("norm", self.norm, NORMS)
+        check_choices(self)
         require(self.norm == "batch" or self.arch == "convnet", "norm", self.norm, "batch, unless arch is convnet")
-        one_of("optimizer", self.optimizer, ("adamw", "sgd"))
-        one_of("metric", self.metric, PRUNE_METRICS)
-        one_of("granularity", self.granularity, ("batch", "epoch"))
-        one_of("pool", self.pool, PRUNE_POOLS)
-        one_of("draw", self.draw, DRAWS)
         require(self.pool == "uniform" or self.metric == "random", "pool", self.pool,
                 "uniform, unless the metric is random (the other metrics choose their own batches)")
         non_negative("warmup_epochs", self.warmup_epochs)
-        one_of("temperature_schedule", self.temperature_schedule, SCHEDULES)
         require(self.epochs is None or self.epochs >= 1, "epochs", self.epochs,
                 "1 or more (or unset: the store's relabel epochs)")
         for name in ("width", "depth", "lr", "temperature", "temperature_step_epochs", "temperature_gamma",
@@ -202,14 +197,10 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
 def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, device, progress, data, restart,
                    keep_checkpoint, checkpoint_seconds) -> dict:
     from .data import load_from_source
-    from .relabel import RelabelConfig
     from .squeeze import load_squeezed
 
     non_negative("checkpoint_seconds", checkpoint_seconds)
-    dev = resolve_device(device)
-    workers = loader_workers(cfg.workers)
-    out_dir = Path(out_dir)
-    store = LabelStore(store_path)
+    dev, workers, store = resolve_device(device), loader_workers(cfg.workers), LabelStore(store_path)
     manifest = store.manifest
     images_path = Path(run_dir) / manifest["images"]  # relative to the run, unless recorded absolute
     store.check_images(images_path)
@@ -223,116 +214,47 @@ def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, devic
     barrier()
     if (out_dir / "train.json").exists():  # _claim leaves it only when it holds this very run, finished
         return finished or read_json(out_dir / "train.json")
-    progress = progress and is_main()
     images = ImageSet(images_path)  # read a batch at a time
-    teacher, spec, _, info = load_squeezed(run_dir, dev)
+    teacher, _, _, info = load_squeezed(run_dir, dev)
     data = data or load_from_source(info["dataset"]["source"])
     if store.num_classes != data.num_classes:
         raise LabelStoreError(f"label store {store.path} has {store.num_classes} classes, the student's data "
                               f"{data.num_classes}")
-    epochs = cfg.epochs or manifest["epochs"]
-    soft_epochs = epochs - cfg.hard_epoch_count(epochs)
-    if cfg.online or soft_epochs == 0:  # no stored label is read
-        kept = store.keys()
-    else:
-        store.check_files()
-        kept = select_batches(store, cfg.prune_ratio, cfg.metric, cfg.granularity, cfg.seed,
-                              load_scores(scores_file, manifest["images_sha256"], len(images)) if scores_file else None,
-                              cfg.pool)
-    require(cfg.warmup_epochs < epochs, "warmup_epochs", cfg.warmup_epochs, f"fewer than the {epochs} epochs")
-    schedule = batch_schedule(kept, epochs, manifest["batches_per_epoch"], cfg.granularity, cfg.seed, cfg.draw)
-    steps, step_epoch = [], []  # what each step reads, and the student epoch it belongs to
-    for e in range(epochs):
-        if cfg.online or e >= soft_epochs:  # crops drawn afresh, labelled by the teacher or by the class
-            steps += [("fresh", e, b) for b in range(manifest["batches_per_epoch"])]
-        else:
-            steps += [("stored", *k) for k in schedule[e]]
-        step_epoch += [e] * (len(steps) - len(step_epoch))
-    c, h, _ = data.shape
-    torch.manual_seed(cfg.seed)
-    spec = {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
-            "width": cfg.width, "depth": cfg.depth} | ({"norm": cfg.norm} if cfg.norm != "batch" else {})
-    student = build_model(**spec).to(dev)
-    model = student  # what the steps run: under torchrun, DDP around the student (gradients averaged)
-    if world_size() > 1:
-        if dev.type == "cuda":  # BN statistics over the whole batch, as one process has them
-            student = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if dev.type == "cuda" else None)
+    plan = StudentPlan.make(store, cfg, len(images), scores_file)
+    student, model, spec = build_student(cfg, data, dev)
     opt = make_optimizer(student, cfg)
-    sched = lr_schedule(opt, len(steps), round(cfg.warmup_epochs * len(steps) / epochs))
-    dynamics = Dynamics(len(images), early_epochs=max(1, round(0.1 * epochs)), device=dev)
-    start_epoch, ckpt, history = 0, out_dir / "checkpoint.pt", []
-    if ckpt.exists():
-        state = _load_checkpoint(ckpt, dev)
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        dynamics.state = state["dynamics"]
-        start_epoch = state["epoch"] + 1
-        history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()][:start_epoch]
-    target_kind = "log_probs" if store.holds_probs else "sparse" if store.topk and store.topk_fill == "zero" \
-        else "logits"
+    sched = lr_schedule(opt, len(plan.steps), round(cfg.warmup_epochs * len(plan.steps) / plan.epochs))
+    dynamics = Dynamics(len(images), early_epochs=max(1, round(0.1 * plan.epochs)), device=dev)
+    ckpt = Checkpoint(out_dir / "checkpoint.pt", fingerprint)
+    start_epoch, history = ckpt.resume(student, opt, sched, dynamics, out_dir / "metrics.jsonl")
+    labels = LabelSource(cfg, plan.soft_epochs, teacher, store, dev)
+    batches = plan.loader(images, store, manifest["settings"], cfg.seed, start_epoch, workers, dev)
     started = saved = time.time()
-    a = manifest["settings"]  # fresh crops (online and hard epochs) follow the store's augmentation
-    fresh_cfg = RelabelConfig(**{k: a[k] for k in ("batch_size", "crop_scale", "flip", "mix", "mix_alpha")},
-                              epochs=epochs, seed=cfg.seed + 1)
-    first = step_epoch.index(start_epoch) if start_epoch < epochs else len(steps)
-    todo, todo_epoch = steps[first:], step_epoch[first:]
-    batches = StepBatches(images, todo, fresh_cfg, store.path)  # one loader over every remaining step:
-    batches = LoaderWait(DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev)))  # workers start once
-    with tqdm(total=len(todo), desc=f"student {out_dir.name}", disable=not progress) as bar:  # closed on errors too
+    with tqdm(total=len(batches.loader.dataset), desc=f"student {out_dir.name}",
+              disable=not (progress and is_main())) as bar:  # closed on errors too
         model.train()
-        loss_sum, steps_done, waited = torch.zeros((), device=dev), 0, 0.0  # summed on the device: no host sync per step
-        for i, (x, target, index, y, y_partner, lam) in enumerate(batches):
-            epoch = todo_epoch[i]
-            t_teacher, t_student = cfg.temperatures(epoch, epochs)
-            mine = my_rows(len(index))  # under torchrun this rank's share of the batch; DDP averages the gradients
-            x, y, y_partner = (t[mine].to(dev, non_blocking=True) for t in (x, y, y_partner))
-            if cfg.online and epoch < soft_epochs:
-                with torch.no_grad():
-                    target = gather_rows(teacher(x).float(), len(index))
-            elif target is not None:  # the stored logits of the whole batch, copied once for the loss and dynamics
-                target = target.to(dev, non_blocking=True)
-            out = model(x)
-            if epoch >= soft_epochs:
-                loss = hard_loss(out, y, y_partner, lam)
-            else:
-                loss = kd_loss(out, target[mine], t_teacher, cfg.kl_times_t2, t_student, target_kind)
-                dynamics.observe(index, gather_rows(out.detach(), len(index)), target, epoch)
-                if cfg.hard_weight:
-                    loss = (1 - cfg.hard_weight) * loss + cfg.hard_weight * hard_loss(out, y, y_partner, lam)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update()
-            loss_sum, steps_done = loss_sum + loss.detach(), steps_done + 1
-            if i + 1 == len(todo) or todo_epoch[i + 1] != epoch:  # end of a student epoch
-                sum_over_ranks([loss_sum])
-                if not math.isfinite(float(loss_sum)):  # diverged: stop before any weights of it are saved
-                    raise ValueError(f"student training diverged: the loss of epoch {epoch} is {float(loss_sum)} "
-                                     f"(lr={cfg.lr}, temperature={t_teacher}); lower the learning rate")
-                history.append({"epoch": epoch, "loss": float(loss_sum) / steps_done / world_size(),
-                                "lr": sched.get_last_lr()[0],
-                                "temperature": t_teacher, "student_temperature": t_student,
-                                "labels": "hard" if epoch >= soft_epochs else "online" if cfg.online else "soft",
-                                "steps": steps_done, "seconds": time.time() - started,
-                                "loader_wait_seconds": batches.seconds - waited})
-                waited = batches.seconds
-                loss_sum, steps_done = torch.zeros((), device=dev), 0
-                bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
-                if is_main():
-                    write_metrics(out_dir / "metrics.jsonl", history)
-                    if epoch == epochs - 1 or time.time() - saved >= checkpoint_seconds:
-                        with atomic_path(ckpt) as tmp:
-                            torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(),
-                                        "scheduler": sched.state_dict(), "epoch": epoch, "fingerprint": fingerprint,
-                                        "dynamics": dynamics.state}, tmp)
-                        saved = time.time()
+        steps = iter(batches)
+        for epoch in range(start_epoch, plan.epochs):
+            waited = batches.seconds
+            loss, n = train_one_epoch(model, steps, plan.steps_in(epoch), epoch, plan.epochs, cfg, labels, dynamics,
+                                      opt, sched, bar)
+            if not math.isfinite(loss):  # diverged: stop before any weights of it are saved
+                raise ValueError(f"student training diverged: the loss of epoch {epoch} is {loss} "
+                                 f"(lr={cfg.lr}, temperature={cfg.temperatures(epoch, plan.epochs)[0]}); lower the learning rate")
+            t_teacher, t_student = cfg.temperatures(epoch, plan.epochs)
+            history.append({"epoch": epoch, "loss": loss / n / world_size(), "lr": sched.get_last_lr()[0],
+                            "temperature": t_teacher, "student_temperature": t_student, "labels": labels.kind(epoch),
+                            "steps": n, "seconds": time.time() - started, "loader_wait_seconds": batches.seconds - waited})
+            bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
+            if is_main():
+                write_metrics(out_dir / "metrics.jsonl", history)
+                if epoch == plan.epochs - 1 or time.time() - saved >= checkpoint_seconds:
+                    ckpt.save(student, opt, sched, epoch, dynamics)
+                    saved = time.time()
     metrics = evaluate(student, data, "test", dev)  # under torchrun: each rank a share, gathered
-    used = sorted({(e, b) for kind, e, b in steps if kind == "stored"})  # the labels this student needed
-    result = {"settings": asdict(cfg), "epochs": epochs, "hard_epochs": epochs - soft_epochs,
-              "store": str(store.path), "kept_batches": len(kept), "used_batches": len(used),
+    used = sorted({(e, b) for kind, e, b in plan.steps if kind == "stored"})  # the labels this student needed
+    result = {"settings": asdict(cfg), "epochs": plan.epochs, "hard_epochs": plan.epochs - plan.soft_epochs,
+              "store": str(store.path), "kept_batches": len(plan.kept), "used_batches": len(used),
               **coverage(store, used, len(images)),
               "stored_batches": len(store.keys()), "label_bytes": store.kept_bytes(used),
               "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],
@@ -344,9 +266,145 @@ def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, devic
                                                                              "images_sha256": manifest["images_sha256"]})
         write_json(out_dir / "train.json", result)  # last: the student is finished
         if not keep_checkpoint:
-            ckpt.unlink()
+            ckpt.path.unlink()
     barrier()
     return result
+
+
+@dataclass
+class StudentPlan:
+    """What a student trains on, step by step: ``steps[i]`` is ("stored", epoch, batch) or ("fresh", epoch, batch)
+    (crops drawn afresh: online and hard-label epochs), ``step_epoch[i]`` the student epoch it belongs to."""
+    epochs: int
+    soft_epochs: int
+    kept: list[tuple[int, int]]
+    steps: list[tuple[str, int, int]]
+    step_epoch: list[int]
+
+    @classmethod
+    def make(cls, store: LabelStore, cfg: StudentConfig, n_images: int, scores_file) -> StudentPlan:
+        manifest = store.manifest
+        epochs = cfg.epochs or manifest["epochs"]
+        soft_epochs = epochs - cfg.hard_epoch_count(epochs)
+        if cfg.online or soft_epochs == 0:  # no stored label is read
+            kept = store.keys()
+        else:
+            store.check_files()
+            kept = select_batches(store, cfg.prune_ratio, cfg.metric, cfg.granularity, cfg.seed,
+                                  load_scores(scores_file, manifest["images_sha256"], n_images) if scores_file else None,
+                                  cfg.pool)
+        require(cfg.warmup_epochs < epochs, "warmup_epochs", cfg.warmup_epochs, f"fewer than the {epochs} epochs")
+        schedule = batch_schedule(kept, epochs, manifest["batches_per_epoch"], cfg.granularity, cfg.seed, cfg.draw)
+        steps, step_epoch = [], []
+        for e in range(epochs):
+            if cfg.online or e >= soft_epochs:  # crops drawn afresh, labelled by the teacher or by the class
+                steps += [("fresh", e, b) for b in range(manifest["batches_per_epoch"])]
+            else:
+                steps += [("stored", *k) for k in schedule[e]]
+            step_epoch += [e] * (len(steps) - len(step_epoch))
+        return cls(epochs, soft_epochs, kept, steps, step_epoch)
+
+    def steps_in(self, epoch: int) -> int:
+        return self.step_epoch.count(epoch)
+
+    def loader(self, images: ImageSet, store: LabelStore, relabel_settings: dict, seed: int, start_epoch: int,
+               workers: int, dev) -> LoaderWait:
+        """One loader over every step from ``start_epoch`` on (its workers start once); fresh crops follow the
+        store's augmentation."""
+        from .relabel import RelabelConfig
+
+        fresh_cfg = RelabelConfig(**{k: relabel_settings[k] for k in ("batch_size", "crop_scale", "flip", "mix", "mix_alpha")},
+                                  epochs=self.epochs, seed=seed + 1)
+        first = self.step_epoch.index(start_epoch) if start_epoch < self.epochs else len(self.steps)
+        batches = StepBatches(images, self.steps[first:], fresh_cfg, store.path)
+        return LoaderWait(DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev)))
+
+
+def build_student(cfg: StudentConfig, data: ImageData, dev) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """The student (seeded), what the steps run (under torchrun: DDP around it, gradients averaged) and its spec."""
+    c, h, _ = data.shape
+    torch.manual_seed(cfg.seed)
+    spec = {"arch": cfg.arch, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
+            "width": cfg.width, "depth": cfg.depth} | ({"norm": cfg.norm} if cfg.norm != "batch" else {})
+    student = model = build_model(**spec).to(dev)
+    if world_size() > 1:
+        if dev.type == "cuda":  # BN statistics over the whole batch, as one process has them
+            student = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if dev.type == "cuda" else None)
+    return student, model, spec
+
+
+class LabelSource:
+    """The targets of a step: the stored logits, the teacher's on the fly (online), or none (hard-label epochs)."""
+
+    def __init__(self, cfg: StudentConfig, soft_epochs: int, teacher, store: LabelStore, dev):
+        self.online, self.soft_epochs, self.teacher, self.dev = cfg.online, soft_epochs, teacher, dev
+        self.target_kind = "log_probs" if store.holds_probs else "sparse" if store.topk and store.topk_fill == "zero" \
+            else "logits"
+
+    def kind(self, epoch: int) -> str:
+        return "hard" if epoch >= self.soft_epochs else "online" if self.online else "soft"
+
+    def targets(self, epoch: int, x, stored, batch_rows: int):
+        """The whole batch's soft targets on the device (None in hard-label epochs)."""
+        if self.online and epoch < self.soft_epochs:
+            with torch.no_grad():
+                return gather_rows(self.teacher(x).float(), batch_rows)
+        return None if stored is None else stored.to(self.dev, non_blocking=True)
+
+
+def train_one_epoch(model, steps, n_steps: int, epoch: int, epochs: int, cfg: StudentConfig, labels: LabelSource,
+                    dynamics: Dynamics, opt, sched, bar) -> tuple[float, int]:
+    """``n_steps`` steps of ``steps``; returns the loss summed over them and over ranks (one host sync) and their
+    number."""
+    t_teacher, t_student = cfg.temperatures(epoch, epochs)
+    loss_sum = torch.zeros((), device=labels.dev)  # summed on the device: no host sync per step
+    for _ in range(n_steps):
+        x, stored, index, y, y_partner, lam = next(steps)
+        mine = my_rows(len(index))  # under torchrun this rank's share of the batch; DDP averages the gradients
+        x, y, y_partner = (t[mine].to(labels.dev, non_blocking=True) for t in (x, y, y_partner))
+        target = labels.targets(epoch, x, stored, len(index))  # copied once for the loss and the dynamics
+        out = model(x)
+        if epoch >= labels.soft_epochs:
+            loss = hard_loss(out, y, y_partner, lam)
+        else:
+            loss = kd_loss(out, target[mine], t_teacher, cfg.kl_times_t2, t_student, labels.target_kind)
+            dynamics.observe(index, gather_rows(out.detach(), len(index)), target, epoch)
+            if cfg.hard_weight:
+                loss = (1 - cfg.hard_weight) * loss + cfg.hard_weight * hard_loss(out, y, y_partner, lam)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.update()
+        loss_sum = loss_sum + loss.detach()
+    sum_over_ranks([loss_sum])
+    return float(loss_sum), n_steps
+
+
+class Checkpoint:
+    """``checkpoint.pt``: the student, optimiser, schedule and dynamics after an epoch (a torch.save zip of
+    tensors, read with weights_only=True), with the run's fingerprint."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
+
+    def save(self, student, opt, sched, epoch: int, dynamics: Dynamics) -> None:
+        with atomic_path(self.path) as tmp:
+            torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "epoch": epoch, "fingerprint": self.fingerprint, "dynamics": dynamics.state}, tmp)
+
+    def resume(self, student, opt, sched, dynamics: Dynamics, metrics_file: Path) -> tuple[int, list[dict]]:
+        """The first epoch to train and the metrics of those before it (0 and none without a checkpoint)."""
+        if not self.path.exists():
+            return 0, []
+        state = _load_checkpoint(self.path, next(student.parameters()).device)
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        dynamics.state = state["dynamics"]
+        start = state["epoch"] + 1
+        return start, [json.loads(line) for line in metrics_file.read_text().splitlines()][:start]
 
 
 def _claim(out_dir: Path, fingerprint: str, restart: bool) -> dict | None:

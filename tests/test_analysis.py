@@ -86,3 +86,23 @@ def test_streamed_within_class_cosine_equals_the_mean_over_every_pair():
     assert abs(within_class_cosine(features, labels) - want) < 1e-12
     batches = [(features[a:a + 10], labels[a:a + 10]) for a in range(0, 97, 10)]  # any split gives the same
     assert abs(streamed_within_class_cosine(batches) - want) < 1e-12
+
+
+def test_one_image_per_class_has_no_within_class_cosine_and_the_summary_says_why(tmp_path):
+    """IPC 1 (the imagenet1k rehearsal's set): no pair within a class, so the cosine is None, and the table and the
+    figure say so instead of failing after every stage has run."""
+    from dsutil.analysis import streamed_within_class_cosine, within_class_cosine
+    from dsutil.plots import cosine_bars
+    from dsutil.runner import summary_table
+
+    feats = torch.randn(4, 8)
+    assert within_class_cosine(feats, torch.arange(4)) is None
+    assert streamed_within_class_cosine([(feats[:2], torch.tensor([0, 1])), (feats[2:], torch.tensor([0, 1]))]) is not None
+    student = {"prune_ratio": 0.0, "test_top1": 0.5, "test_top1_std": None}
+    summary = {"teacher": {"arch": "convnet", "test_top1": 0.9}, "real_within_class_cosine": 0.4, "seeds": [0],
+               "methods": {"sre2l": {"within_class_cosine": None, "label_bytes_full": 10, "students": [student]},
+                           "lpld": {"within_class_cosine": 0.3, "label_bytes_full": 10, "students": [student]}}}
+    table = summary_table(summary)
+    assert "sre2l" in table and "n/a" in table and "one image per class" in table and "0.300" in table
+    fig = cosine_bars({n: m["within_class_cosine"] for n, m in summary["methods"].items()}, 0.4, "IPC 1")
+    assert any("n/a" in t.get_text() for t in fig.axes[0].texts)

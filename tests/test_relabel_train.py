@@ -14,7 +14,8 @@ from dsutil.evaluate import evaluate
 from dsutil.files import load_model, load_tensors, read_json, save_tensors, write_json
 from dsutil.labels import LabelStore, LabelStoreError, check_prune_ratio, select_batches
 from dsutil.recover import RecoverConfig, load_images, load_squeezed, recover, recover_dir
-from dsutil.relabel import RelabelConfig, epoch_records, relabel, replay
+from dsutil.relabel import RelabelConfig, relabel
+from dsutil.replay import epoch_records, replay
 from dsutil.train import StudentConfig, batch_schedule, kd_loss, train_student
 
 IPC = 5  # real images per class: 50 images in all

@@ -11,6 +11,7 @@ from dsutil.config import load_config
 from dsutil.runner import run_experiment, summary_table
 
 
+@pytest.mark.slow  # the session's quick demo run
 def test_quick_demo_writes_the_summary_and_figures(quick_demo):
     s = json.loads((quick_demo / "summary.json").read_text())
     assert s["dataset"] == "mnist5k"
@@ -27,7 +28,7 @@ def test_quick_demo_writes_the_summary_and_figures(quick_demo):
             assert st["test_top1_per_seed"] == [st["test_top1"]] and st["test_top1_std"] is None
         bytes_ = [st["label_bytes"] for st in m["students"]]
         assert bytes_[0] == m["label_bytes_full"] and bytes_ == sorted(bytes_, reverse=True)
-        assert st["test_top1"] > 0.2  # even 1% of the labels teaches something
+        assert all(st["test_top1"] > 0.2 for st in m["students"])  # chance is 0.1: even 1% of the labels teaches
     assert s["settings"]["recover"]["ipc"] == 10 and s["seconds"] > 0 and s["seeds"] == [0]
     assert s["environment"] == {k: v for k, v in os.environ.items() if k.startswith("DSUTIL_")}  # as it ran
     assert "±" not in summary_table(s) and "seed 0" in summary_table(s)
@@ -56,12 +57,13 @@ def test_rerun_reuses_every_stage_and_student_epochs_rerun_only_students(quick_d
     assert not any(name.startswith("student") for name in changed["stages"]["reused"])
     from dataclasses import replace
 
-    from dsutil.runner import student_name
+    from dsutil.layout import student_dir
 
-    name = student_name("lpld", 10, replace(cfg.student, prune_ratio=0.0))
-    assert name.startswith("lpld-ipc10-random-r0-")  # other settings: a folder of their own, the old one kept
-    assert json.loads((out / "students" / name / "train.json").read_text())["epochs"] == 5
-    assert (out / "students" / "lpld-ipc10-random-r0" / "train.json").exists()
+    folder = student_dir(out, "lpld", 10, replace(cfg.student, prune_ratio=0.0))
+    assert folder.name.startswith("lpld-ipc10-random-r0-")  # other settings: a folder of their own, the old one kept
+    assert json.loads((folder / "train.json").read_text())["epochs"] == 5
+    before = student_dir(out, "lpld", 10, replace(cfg.student, prune_ratio=0.0, epochs=None))
+    assert folder != before and (before / "train.json").exists()
 
 
 def test_config_errors_name_the_problem(tmp_path):
@@ -110,18 +112,23 @@ def test_tiny_imagenet_preset_runs_with_seeds(quick_tiny):
     assert set(s["methods"]) == {"sre2l", "lpld", "real"}
     for m in s["methods"].values():
         assert 0 < m["within_class_cosine"] < 1
-        assert [st["prune_ratio"] for st in m["students"]] == [0.0, 0.9, 0.975, 0.99]
+        assert [st["prune_ratio"] for st in m["students"]] == [0.0, 0.99]
         for st in m["students"]:
             values = st["test_top1_per_seed"]
             assert len(values) == 2 and st["test_top1"] == pytest.approx(sum(values) / 2)
             assert st["test_top1_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
-    seeded = quick_tiny / "students" / "lpld-ipc10-random-r0.9-s1" / "train.json"
-    assert json.loads(seeded.read_text())["settings"]["seed"] == 1
+    from dataclasses import replace
+
+    from dsutil.layout import student_dir
+
+    seeded = student_dir(quick_tiny, "lpld", 10, replace(load_config("tiny-imagenet-10", quick=True).student,
+                                                         prune_ratio=0.99, seed=1))
+    assert json.loads((seeded / "train.json").read_text())["settings"]["seed"] == 1
     assert set(s["stage_seconds_by_kind"]) == {"squeeze", "recover", "relabel", "student"}
     assert all(v > 0 for v in s["stage_seconds_by_kind"].values())
-    assert len(s["stage_seconds"]) == 1 + 3 * 2 + 3 * 4 * 2
+    assert len(s["stage_seconds"]) == 1 + 3 * 2 + 3 * 2 * 2
     table = summary_table(s)
-    assert "mean ± std over seeds [0, 1]" in table and table.count("±") == 3 * 4 + 1
+    assert "mean ± std over seeds [0, 1]" in table and table.count("±") == 3 * 2 + 1
 
 
 def test_settings_added_later_change_the_hash_only_when_set():

@@ -22,9 +22,9 @@ BAD_SETTINGS = [  # (--set key=value, the words the error must show)
     ("data.num_classes=0", "num_classes=0"),
     ("data.per_class=-3", "per_class=-3"),
     ("data.dataset=mnist", "dataset='mnist'"),
-    ("recover.ipc=0", "ipc must be a positive"),
+    ("recover.ipc=0", "ipc=0: expected a positive number"),
     ("recover.ipc=ten", "ipc='ten'"),
-    ("recover.iterations=0", "iterations must be positive"),
+    ("recover.iterations=0", "iterations=0: expected a positive"),
     ("recover.crop_scale=[0.5,0.1]", "crop_scale=(0.5, 0.1)"),
     ("recover.crop_scale=[0.5]", "crop_scale=[0.5]"),
     ("recover.r_bn=-1", "r_bn=-1.0"),
@@ -32,9 +32,9 @@ BAD_SETTINGS = [  # (--set key=value, the words the error must show)
     ("recover.flip=maybe", "flip='maybe'"),
     ("recover.global_targets=exactly", "global_targets"),
     ("recover.pixels=uint16", "pixels='uint16'"),
-    ("relabel.epochs=0", "epochs and batch size must be positive"),
-    ("relabel.mix=cutout", "mix must be one of"),
-    ("relabel.dtype=int8", "dtype must be one of"),
+    ("relabel.epochs=0", "epochs=0: expected a positive"),
+    ("relabel.mix=cutout", "mix='cutout': expected one of none"),
+    ("relabel.dtype=int8", "dtype='int8': expected one of fp16"),
     ("relabel.mix_alpha=0", "mix_alpha=0.0"),
     ("relabel.teacher_bf16=maybe", "teacher_bf16='maybe'"),
     ("methods=[lpld,sre3l]", "methods='sre3l'"),
@@ -116,7 +116,7 @@ def test_convert_refuses_what_it_cannot_convert():
     (["squeeze", "--out", "r", "--epochs", "0"], "untrained teacher"),
     (["squeeze", "--out", "r", "--num-classes", "0"], "num_classes=0"),
     (["recover", "--run", "r", "--lr", "-1"], "lr=-1.0"),
-    (["relabel", "--run", "r", "--images", "i", "--epochs", "0"], "must be positive"),
+    (["relabel", "--run", "r", "--images", "i", "--epochs", "0"], "epochs=0"),
 ])
 def test_the_stage_commands_refuse_bad_numbers(argv, words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -142,29 +142,68 @@ def test_a_broken_yaml_file_names_itself(text, words, tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("command,cls", [("squeeze", "TeacherConfig"), ("recover", "RecoverConfig"),
-                                         ("relabel", "RelabelConfig"), ("train", "StudentConfig")])
-def test_every_setting_of_a_stage_has_its_flag_and_help_shows_its_default(command, cls, capsys):
+def stage_configs():
+    from dsutil.config import DataConfig
+    from dsutil.recover import RecoverConfig
+    from dsutil.relabel import RelabelConfig
+    from dsutil.squeeze import TeacherConfig
+    from dsutil.train import StudentConfig
+
+    required = {"squeeze": ["--out", "r"], "recover": ["--run", "r"], "relabel": ["--run", "r", "--images", "i"],
+                "train": ["--run", "r", "--labels", "l"]}
+    return [("squeeze", DataConfig, "data_", {"root": "--data-root", "seed": "--data-seed"}, required["squeeze"]),
+            ("squeeze", TeacherConfig, "", {}, required["squeeze"]), ("recover", RecoverConfig, "", {}, required["recover"]),
+            ("relabel", RelabelConfig, "", {}, required["relabel"]), ("train", StudentConfig, "", {}, required["train"])]
+
+
+def other_value(cfg, f, hint):
+    """A valid value of field ``f`` other than its default, as (flag words, the value it gives)."""
+    import typing
+
+    default, choices = getattr(cfg, f.name), type(cfg).CHOICES.get(f.name)
+    if choices:
+        value = next(c for c in choices if c != default)
+        return [str(value)], value
+    if hint is bool:
+        return [], not default
+    if typing.get_origin(hint) is tuple:
+        return ["0.25", "0.5"], (0.25, 0.5)
+    value = {"int": 3, "float": 0.5, "str": "x"}.get(getattr(hint, "__name__", ""), 3)
+    return [str(value)], value
+
+
+@pytest.mark.parametrize("command,cls,prefix,renamed,required", stage_configs(), ids=lambda v: getattr(v, "__name__", None))
+def test_every_setting_of_a_stage_is_a_flag_made_from_its_dataclass(command, cls, prefix, renamed, required, capsys):
+    """Each field is a flag (``--name``, ``--no-name`` for a true default) whose default, choices and help come
+    from the dataclass: no flag parses to the default settings, and each flag moves its own field alone."""
     import dataclasses
+    import typing
 
-    import dsutil.recover
-    import dsutil.relabel
-    import dsutil.squeeze
-    import dsutil.train
     from dsutil.cli import build_parser
+    from dsutil.settings import _optional, from_flags
 
-    config = next(getattr(m, cls) for m in (dsutil.squeeze, dsutil.recover, dsutil.relabel, dsutil.train)
-                  if hasattr(m, cls))
     parser = build_parser()
+    assert from_flags(parser.parse_args([command, *required]), cls, prefix) == cls()
+    hints, base = typing.get_type_hints(cls), cls()
+    needs = {"eval_resize": (["--dataset", "imagefolder", "--image-size", "2"], {"dataset": "imagefolder", "image_size": 2}),
+             "scores_from": (["--metric", "el2n-high"], {"metric": "el2n-high"})}  # fields checked against others
+    for f in dataclasses.fields(cls):
+        hint = _optional(hints[f.name])[0]
+        words, value = other_value(base, f, hint)
+        flag = renamed.get(f.name, "--" + ("no-" if hint is bool and getattr(base, f.name) else "") + f.name.replace("_", "-"))
+        more, fields_too = needs.get(f.name, ([], {}))
+        got = from_flags(parser.parse_args([command, *required, *more, flag, *words]), cls, prefix)
+        assert got == dataclasses.replace(base, **fields_too, **{f.name: value}), (flag, words)
     stage = parser._subparsers._group_actions[0].choices[command]
-    dests = {a.dest for a in stage._actions}
-    assert {f.name for f in dataclasses.fields(config)} <= dests, f"{command} lacks flags for some {cls} fields"
+    for a in stage._actions:
+        if a.dest.removeprefix(prefix) in cls.CHOICES and a.dest.startswith(prefix):
+            assert tuple(a.choices) == tuple(cls.CHOICES[a.dest.removeprefix(prefix)]), a.dest
     with pytest.raises(SystemExit):
         parser.parse_args([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for a in stage._actions:
         if a.option_strings and not a.required and a.dest != "help":
-            assert f"(default: {a.default})" in text or f"{a.dest.split('_')[0]}: {a.default}" in text, a.dest
+            assert f"(default: {a.default})" in text, a.dest
 
 
 def test_the_settings_reference_is_made_from_the_dataclasses():

@@ -1,0 +1,42 @@
+"""The 2-D toy of notebook 05 (dsutil.toy) and its slider view: the mechanism it teaches holds, and each slider
+redraws."""
+import torch
+
+from dsutil import toy
+
+
+def test_lpld_points_spread_like_real_ones_and_sre2l_points_do_not():
+    real_x, real_y, centres = toy.real_points(sigma=0.5)
+    real = toy.within_class_spread(real_x, real_y)
+    spread = {m: [toy.within_class_spread(*toy.synthesise(real_x, real_y, centres, m, seed=s)) for s in range(5)]
+              for m in ("sre2l", "lpld")}
+    assert all(abs(v - real) < 0.1 * real for v in spread["lpld"])  # class targets: the points spread as the class
+    # global targets over one point per class: nothing spreads a class but the random starts
+    assert all(a < b for a, b in zip(*spread.values())) and sum(spread["sre2l"]) < 0.6 * sum(spread["lpld"])
+    without = {m: toy.within_class_spread(*toy.synthesise(real_x, real_y, centres, m, r_bn=0.0)) for m in ("sre2l", "lpld")}
+    assert max(without.values()) < 0.1 * real  # no BN term: both collapse onto the class centres
+
+
+def test_the_batches_are_the_methods_groupings():
+    """One step by hand: the loss of the points in their batches, against the same loss written per batch."""
+    real_x, real_y, centres = toy.real_points(n=50)
+    for grouping, k in (("sre2l", 2), ("lpld", 2)):
+        x, y = toy.synthesise(real_x, real_y, centres, grouping, k=k, steps=0)
+        assert sorted(y.tolist()) == sorted([0, 1, 2] * k)
+        if grouping == "sre2l":
+            assert y.tolist() == [0, 1, 2] * k  # each batch one point of every class
+        else:
+            assert y.tolist() == [0] * k + [1] * k + [2] * k  # one batch per class
+    assert torch.equal(toy.real_points(seed=3)[0], toy.real_points(seed=3)[0])
+
+
+def test_the_toy_view_redraws_on_each_slider():
+    from dsutil.explore import toy_view
+
+    box = toy_view(steps=20)
+    sliders, text, _ = box.children
+    seen = {text.value}
+    for slider, value in zip(sliders.children, (0.0, 1.2, 2.0)):
+        slider.value = value
+        seen.add(text.value)
+    assert len(seen) == 4, seen
