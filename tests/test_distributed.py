@@ -17,7 +17,9 @@ from dsutil.files import read_json
 from dsutil.image_store import ImageSet
 from dsutil.squeeze import BNStats
 
-pytestmark = pytest.mark.slow  # torchrun launches of 2 ranks and a reference process
+# torchrun launches of 2 ranks and a reference process; one worker (pytest -n) holds the module's runs, which the
+# recover, relabel and student tests build on in turn
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}  # one thread per rank: 2 ranks on 2 cores, and the same sums
 ITERATIONS = "150"  # recover iterations: about half a second per LPLD unit of 2 images, long enough to kill a rank
