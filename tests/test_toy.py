@@ -18,7 +18,7 @@ def test_lpld_points_spread_like_real_ones_and_sre2l_points_do_not():
 
 
 def test_the_batches_are_the_methods_groupings():
-    """One step by hand: the loss of the points in their batches, against the same loss written per batch."""
+    """SRe2L's batches hold one point of every class, LPLD's one class each, k points per class in all."""
     real_x, real_y, centres = toy.real_points(n=50)
     for grouping, k in (("sre2l", 2), ("lpld", 2)):
         x, y = toy.synthesise(real_x, real_y, centres, grouping, k=k, steps=0)
