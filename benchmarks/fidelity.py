@@ -24,7 +24,7 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,10 +33,11 @@ from dsutil.analysis import within_class_cosine
 from dsutil.config import load_config
 from dsutil.image_store import ImageSet
 from dsutil.labels import LabelStore, coverage, select_batches
+from dsutil.layout import SQUEEZE_MARKER, made_from_teacher
 from dsutil.models import penultimate_features
 from dsutil.recover import load_squeezed
 from dsutil.runner import Stages, ensure_labels, ensure_recover, ensure_student, over_seeds
-from dsutil.squeeze import squeeze
+from dsutil.squeeze import squeeze, squeeze_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [("augmented", "running"), ("augmented", "exact"), ("plain", "exact")]
@@ -49,9 +50,8 @@ def squeezed_variant(cfg, base: Path, views: str, estimator: str, stages: Stages
     teacher = base / "teacher.safetensors"
     tcfg = replace(cfg.teacher, bn_views=views, bn_estimator=estimator)
     data = cfg.data.load()
-    stages("squeeze", out / "squeeze.stage.json", {"teacher": str(teacher), "bn": [views, estimator, tcfg.seed],
-                                                   "data": asdict(cfg.data)}, [],
-           lambda: squeeze(data, out, tcfg, cfg.device, teacher_checkpoint=teacher, restart=True))
+    stages("squeeze", out / SQUEEZE_MARKER, squeeze_identity(data, tcfg, teacher),
+           lambda: squeeze(data, out, tcfg, cfg.device, teacher_checkpoint=teacher), own=made_from_teacher())
     return out
 
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import logging
 import sys
 from pathlib import Path
 
+log = logging.getLogger("dsutil")  # dsutil.runtime.log: shown from rank 0 only (show_log)
 RUN_HELP = ("run directory with squeeze outputs (under torchrun write --run-dir: torchrun reads --run as its own "
             "--run-path)")
 
@@ -28,6 +28,11 @@ def _device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
+def _restart_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--restart", action="store_true", help=f"make {what} again from nothing: what the folder holds of "
+                   "it is removed first, whatever its settings (the user's own files stay)")
+
+
 def cmd_squeeze(args) -> None:
     from .config import DataConfig
     from .settings import from_flags
@@ -36,7 +41,7 @@ def cmd_squeeze(args) -> None:
     cfg = from_flags(args, TeacherConfig)
     summary = squeeze(from_flags(args, DataConfig, "data_").load(), args.out, cfg, device=args.device,
                       restart=args.restart, teacher_checkpoint=args.teacher_checkpoint)
-    print(f"teacher {cfg.arch}: test top-1 {summary['test_top1']:.4f} in {summary['seconds']:.1f} s -> {args.out}")
+    log.info(f"teacher {cfg.arch}: test top-1 {summary['test_top1']:.4f} in {summary['seconds']:.1f} s -> {args.out}")
 
 
 def cmd_recover(args) -> None:
@@ -47,9 +52,9 @@ def cmd_recover(args) -> None:
     cfg = from_flags(args, RecoverConfig)
     _, spec, _, _ = load_squeezed(args.run)
     classes = parse_classes(args.classes, spec["num_classes"])
-    summary = recover(args.run, cfg, classes, device=args.device)
+    summary = recover(args.run, cfg, classes, device=args.device, restart=args.restart)
     if summary:
-        print(f"recover {cfg.method} ipc {cfg.ipc}: {summary['images']} images, teacher top-1 on them "
+        log.info(f"recover {cfg.method} ipc {cfg.ipc}: {summary['images']} images, teacher top-1 on them "
               f"{summary['teacher_top1_on_images']:.3f}")
 
 
@@ -61,7 +66,7 @@ def cmd_relabel(args) -> None:
     cfg = from_flags(args, RelabelConfig)
     store = relabel(args.run, args.images, cfg, out=args.out, device=args.device, restart=args.restart,
                     workers=args.workers)
-    print(f"label store {store}: {human_bytes(LabelStore(store).disk_bytes())} on disk")
+    log.info(f"label store {store}: {human_bytes(LabelStore(store).disk_bytes())} on disk")
 
 
 def cmd_train(args) -> None:
@@ -73,7 +78,7 @@ def cmd_train(args) -> None:
     out = args.out or trained_student_dir(args.run, args.labels, cfg)
     result = train_student(args.run, args.labels, cfg, out, device=args.device, restart=args.restart,
                            keep_checkpoint=args.keep_checkpoint, checkpoint_seconds=args.checkpoint_seconds)
-    print(f"student {cfg.arch}: test top-1 {result['test_top1']:.4f} with {result['label_bytes']} label bytes "
+    log.info(f"student {cfg.arch}: test top-1 {result['test_top1']:.4f} with {result['label_bytes']} label bytes "
           f"-> {out}")
 
 
@@ -81,7 +86,7 @@ def cmd_import(args) -> None:
     from .import_set import import_images
 
     out = import_images(args.run, args.images, args.name, device=args.device)
-    print(f"imported {args.images} -> {out} (relabel it with: dsutil relabel --run {args.run} --images {out})")
+    log.info(f"imported {args.images} -> {out} (relabel it with: dsutil relabel --run {args.run} --images {out})")
 
 
 def cmd_import_teacher(args) -> None:
@@ -89,7 +94,7 @@ def cmd_import_teacher(args) -> None:
 
     spec = import_teacher(args.state_dict, args.out, args.arch, args.num_classes, args.image_size, args.in_channels,
                           args.normalize)
-    print(f"teacher {spec['arch']} ({spec['num_classes']} classes, {spec['image_size']} px) -> {args.out}; "
+    log.info(f"teacher {spec['arch']} ({spec['num_classes']} classes, {spec['image_size']} px) -> {args.out}; "
           f"use it with --teacher-checkpoint {args.out}" + (f" --normalize {args.normalize}" if args.normalize else ""))
 
 
@@ -102,10 +107,10 @@ def cmd_labels_size(args) -> None:
     full = storage_bytes(args.classes, args.ipc, args.epochs, args.batch_size, 0.0, args.dtype, None)
     if args.json:
         setting = {k: v for k, v in vars(args).items() if k not in ("func", "command", "labels_command", "json")}
-        print(json.dumps({"bytes": n, "gib": n / 2**30, "full_bytes": full, "reduction": full / n} | setting))
+        log.info(json.dumps({"bytes": n, "gib": n / 2**30, "full_bytes": full, "reduction": full / n} | setting))
     else:
         smaller = f"; {full / n:.1f}x less than {human_bytes(full)} unpruned" if n < full else ""
-        print(f"{human_bytes(n)} ({n} bytes{smaller})")
+        log.info(f"{human_bytes(n)} ({n} bytes{smaller})")
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -132,15 +137,15 @@ def cmd_run(args) -> None:
     if args.command == "frontier":
         from .frontier import frontier_table, run_frontier
 
-        print(frontier_table(run_frontier(cfg, out)))
-        print(f"frontier: {out / 'frontier.json'}")
+        log.info(frontier_table(run_frontier(cfg, out)))
+        log.info(f"frontier: {out / 'frontier.json'}")
         return
     summary = run_experiment(cfg, out)
-    print(summary_table(summary))
+    log.info(summary_table(summary))
     if args.quick:
-        print("--quick: a smoke test of the pipeline with few iterations and epochs; its numbers are not evidence "
+        log.info("--quick: a smoke test of the pipeline with few iterations and epochs; its numbers are not evidence "
               "for or against the finding (run without --quick for that)")
-    print(f"{len(summary['stages']['ran'])} stages ran, {len(summary['stages']['reused'])} reused; "
+    log.info(f"{len(summary['stages']['ran'])} stages ran, {len(summary['stages']['reused'])} reused; "
           f"{summary['seconds']:.0f} s. Summary: {out / 'summary.json'}; figures: {out / 'figures'}")
 
 
@@ -169,8 +174,7 @@ def _add_stage_commands(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--teacher-checkpoint", type=Path, default=None,
                    help="a teacher saved by dsutil (teacher.safetensors) used as it is, instead of training one")
-    p.add_argument("--restart", action="store_true",
-                   help="replace the teacher of a finished run in --out, removing everything made from it")
+    _restart_flag(p, "the teacher (and everything made from it)")
     _device_flag(p)
     p.set_defaults(func=cmd_squeeze)
 
@@ -178,6 +182,7 @@ def _add_stage_commands(sub) -> None:
     _run_flag(p)
     add_flags(p, RecoverConfig)
     p.add_argument("--classes", default=None, help="class range a:b of this process (default: all)")
+    _restart_flag(p, "the set")
     _device_flag(p)
     p.set_defaults(func=cmd_recover)
 
@@ -194,7 +199,7 @@ def _add_stage_commands(sub) -> None:
     p.add_argument("--images", required=True, type=Path, help="a recover folder, e.g. RUN/recover/lpld-ipc10")
     add_flags(p, RelabelConfig)
     p.add_argument("--out", type=Path, default=None, help="store folder (default RUN/labels/<name>)")
-    p.add_argument("--restart", action="store_true", help="relabel from scratch in an --out that holds another store")
+    _restart_flag(p, "the store")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader processes replaying batches (default: the cores but one, at most 8)")
     _device_flag(p)
@@ -205,7 +210,7 @@ def _add_stage_commands(sub) -> None:
     p.add_argument("--labels", required=True, type=Path, help="label store folder")
     add_flags(p, StudentConfig, {"arch": ("--arch", "--student")})
     p.add_argument("--out", type=Path, default=None, help="student folder (default RUN/students/<name>)")
-    p.add_argument("--restart", action="store_true", help="train from scratch in an --out that holds another run")
+    _restart_flag(p, "the student")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.pt after training finishes")
     p.add_argument("--checkpoint-seconds", type=float, default=CHECKPOINT_SECONDS,
                    help="write checkpoint.pt at the end of an epoch at most this often (0: every epoch)")
@@ -287,18 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     from .files import check_tensorboard
-    from .runtime import fix_mmap_threshold, is_main, start_ranks, stop_ranks
+    from .runtime import fix_mmap_threshold, show_log, start_ranks, stop_ranks
 
     matplotlib.use("Agg")  # a command draws into files only, on machines with or without a display
     args = build_parser().parse_args(argv)
     try:
         start_ranks()
-        with contextlib.ExitStack() as quiet:  # only rank 0 prints; the others' stdout is closed on the way out
-            if not is_main():
-                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
-            fix_mmap_threshold()
-            check_tensorboard()
-            args.func(args)
+        show_log()  # from rank 0 only
+        fix_mmap_threshold()
+        check_tensorboard()
+        args.func(args)
     except (ValueError, OSError) as e:  # bad input, settings or files; anything else keeps its traceback
         print(f"dsutil {args.command}: error: {user_message(e)}", file=sys.stderr)
         return 2

@@ -62,6 +62,9 @@ class DataConfig:
     eval_resize: int | None = None  # imagefolder: held-out images' shorter side before the image_size crop (256)
     normalize: str | None = None  # a named mean/std (data.NORMALIZATIONS) in place of the dataset's own
     CHOICES: ClassVar[dict] = {"dataset": DATASETS, "normalize": tuple(NORMALIZATIONS)}
+    # added after runs were made, with the value that gives the behaviour of before; left out of a stage's key while
+    # they hold it
+    ADDED: ClassVar[dict] = {"eval_resize": None, "normalize": None}
 
     def __post_init__(self):
         check_choices(self)
@@ -76,9 +79,11 @@ class DataConfig:
         """The dataset these settings name (an :class:`dsutil.data.ImageData`)."""
         from .data import load_dataset
 
-        return load_dataset(self.dataset, self.root, num_classes=self.num_classes, per_class=self.per_class,
+        data = load_dataset(self.dataset, self.root, num_classes=self.num_classes, per_class=self.per_class,
                             image_size=self.image_size, seed=self.seed, eval_resize=self.eval_resize,
                             normalize=self.normalize)
+        data.settings = self
+        return data
 
 
 @dataclass

@@ -98,6 +98,7 @@ class ImageData:
     std: tuple[float, ...]
     flip: bool  # do horizontal flips keep the class? (not for digits)
     source: dict = field(default_factory=dict)  # load_dataset arguments that rebuild this data
+    settings: object = None  # the DataConfig it was loaded from, where it was (squeeze's key names it)
 
     @property
     def num_classes(self) -> int:

@@ -25,22 +25,33 @@ class ClassView:
         self.data = data or load_from_source(info["dataset"]["source"])
 
     @property
+    def sets(self) -> dict[str, Path]:
+        """Every distilled set of the run by name: the preset's methods, then each other folder of ``recover/``
+        (an imported set, a notebook's ablation) by its folder name."""
+        from .layout import recover_dir
+
+        sets = {m: recover_dir(self.run_dir, m, v["ipc"]) for m, v in self.summary["methods"].items()}
+        for images in sorted((self.run_dir / "recover").glob("*/images.safetensors")):
+            if images.parent not in sets.values():
+                sets[images.parent.name] = images.parent
+        return sets
+
+    @property
     def methods(self) -> list[str]:
-        return list(self.summary["methods"])
+        return list(self.sets)
 
     @torch.no_grad()
     def compute(self, method: str, c: int, seed: int = 0) -> dict:
-        """Images (in [0, 1]), nearest real images, cosine matrix and confidence for class ``c`` of ``method``."""
+        """Images (in [0, 1]), nearest real images, cosine matrix and confidence for class ``c`` of the set
+        ``method`` (a name of :attr:`sets`)."""
         from torch.utils.data import DataLoader, Subset
 
         from .data import train_targets
         from .image_store import ImageSet
-        from .layout import recover_dir
         from .models import penultimate_features
         from .runner import per_class_sample
 
-        images = ImageSet(recover_dir(self.run_dir, method, self.summary["methods"][method]["ipc"])
-                          / "images.safetensors")
+        images = ImageSet(self.sets[method] / "images.safetensors")
         rows = torch.nonzero(images.labels == c).flatten()
         x = images[rows]  # only this class's images are read
         targets = train_targets(self.data.train)
@@ -170,3 +181,44 @@ def toy_view(k: int = 8, steps: int = 300):
         s.observe(draw, "value")
     draw()
     return w.VBox([w.HBox([r_bn, sigma, separation]), text, out])
+
+
+def recover_view(teacher, stats, cfg, data, ipc: int, iterations: int, shown: list[int]):
+    """Notebook 05's small recover with the real teacher, on demand: r_bn, iterations and seed set by sliders,
+    both batch groupings (SRe2L's one image per class, LPLD's class batches) made when the button is pressed
+    (each press runs the recover engine: seconds to minutes on a CPU), their within-class cosines and images."""
+    from dataclasses import replace
+
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from . import analysis, plots
+    from .models import penultimate_features
+    from .recover import recover_in_memory
+
+    r_bn = w.SelectionSlider(options=[0.0, 0.01, 0.03, 0.1, 0.3, 1.0], value=cfg.recover.r_bn
+                             if cfg.recover.r_bn in (0.0, 0.01, 0.03, 0.1, 0.3, 1.0) else 0.1, description="r_bn")
+    steps = w.IntSlider(value=iterations, min=1, max=max(iterations, 300), description="iterations")
+    seed = w.IntSlider(value=1, min=0, max=9, description="seed")
+    button, out, text = w.Button(description="recover both"), w.Output(), w.HTML("press the button to recover")
+    device = next(teacher.parameters()).device
+
+    def run(*_):
+        sets = {}
+        for m in ("sre2l", "lpld"):
+            rcfg = replace(cfg.recover_config(m), ipc=ipc, iterations=steps.value, r_bn=r_bn.value, seed=seed.value)
+            sets[m] = recover_in_memory(teacher, stats, rcfg, data.num_classes, data.shape, data.pixel_range(), device)
+        cos = {m: analysis.within_class_cosine(penultimate_features(teacher, x), y) for m, (x, y) in sets.items()}
+        text.value = (f"r_bn {r_bn.value}, {steps.value} iterations, seed {seed.value}: within-class cosine "
+                      + ", ".join(f"{plots.METHOD_NAMES[m]} {c:.3f}" for m, c in cos.items()))
+        with out:
+            out.clear_output(wait=True)
+            fig = plots.compare_grid({m: (data.denormalize(x), y) for m, (x, y) in sets.items()}, data.classes, shown,
+                                     per_class=min(ipc, 6), title=f"{ipc} per class, r_bn {r_bn.value}, "
+                                     f"{steps.value} iterations, seed {seed.value}")
+            display(fig)
+            plt.close(fig)
+
+    button.on_click(run)
+    return w.VBox([w.HBox([r_bn, steps, seed, button]), text, out])

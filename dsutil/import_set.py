@@ -87,7 +87,7 @@ def check_replaceable(run_dir: Path, out: Path) -> None:
     if made != "import":
         raise ValueError(f"{out} holds a set made by recover ({made or 'unfinished'}); import under another --name")
     images = (out / "images.safetensors").resolve()
-    built = sorted(str(m.parent) for pattern in ("labels/*/manifest.json", "labels/*/pending.json")
+    built = sorted(str(m.parent) for pattern in ("labels/*/manifest.json",)
                    for m in run_dir.glob(pattern) if (run_dir / read_json(m).get("images", "")).resolve() == images)
     if built:
         raise ValueError(f"{out} was imported before and label stores were made from it ({', '.join(built[:3])}); "

@@ -298,11 +298,13 @@ class LabelStore:
                 if image_scores is None:
                     raise ValueError(f"pruning by {metric} needs a student's training dynamics (scores_from)")
                 s = image_scores[kind].double()[h.get_tensor("index").long()]
-                if s.isnan().any():
-                    raise ValueError(f"the {kind} scores miss images of {self.path}: were they recorded on "
-                                     "these images, by a student that trained on soft labels?")
-                for b, (lo, hi) in self._offsets[e].items():
-                    out[(e, b)] = float(s[lo:hi].mean())
+                for b, (lo, hi) in self._offsets[e].items():  # the mean over the batch's images that were scored
+                    seen = s[lo:hi][~s[lo:hi].isnan()]  # (a short or with-replacement run skips some)
+                    if not len(seen):
+                        raise ValueError(f"the {kind} scores miss every image of batch {b} of epoch {e} of "
+                                         f"{self.path}: were they recorded on these images, by a student that trained "
+                                         "on soft labels for more than a few steps?")
+                    out[(e, b)] = float(seen.mean())
                 continue
             p = self._logits(h.get_tensor).softmax(1)
             if kind == "entropy":

@@ -8,11 +8,13 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+MARKER = "stage.json"  # a stage folder's marker (dsutil.stage): its key, and whether it is finished
+SQUEEZE_MARKER = "squeeze.stage.json"  # squeeze's, whose folder is the run
+OLDER = ("settings.json", "pending.json")  # what an older dsutil kept there in its place (recover's, relabel's)
 SQUEEZE_FILES = ("teacher.safetensors", "bn_stats.safetensors", "squeeze.json", "teacher_metrics.jsonl")
-RECOVER_FILES = ("settings.json", "recover.json", "images.safetensors", "units/*.safetensors", "png/*/*.png")
-PENDING = "pending.json"  # a relabel's inputs and settings while its store is unfinished
-TIMING = "timing.json"  # how long a relabel took: kept out of the manifest, which training fingerprints
-STORE_FILES = ("manifest.json", PENDING, TIMING, "epoch*.safetensors")  # a label store
+RECOVER_FILES = ("recover.json", "images.safetensors", "units/*.safetensors", "png/*/*.png", OLDER[0])
+TIMING = "timing.json"  # how long a relabel took: kept out of the manifest, which a student's key reads
+STORE_FILES = ("manifest.json", TIMING, "epoch*.safetensors", OLDER[1])  # a label store
 STUDENT_FILES = ("train.json", "student.safetensors", "metrics.jsonl", "dynamics.safetensors", "checkpoint.pt")
 
 

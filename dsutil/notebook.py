@@ -79,8 +79,10 @@ def start(preset: str, quick: bool = False, compute: bool = False) -> Notebook:
     ``DSUTIL_RUN`` (default ``../runs/<preset>[-quick]``), its figures in ``DSUTIL_FIGURES`` (default: the run's
     ``figures/``; the README's ``figures/`` is refreshed by ``make figures`` alone)."""
     from . import plots
+    from .runtime import show_log
 
     plots.theme()
+    show_log()  # the stages' messages in the notebook's output
     run_dir = Path(os.environ.get("DSUTIL_RUN") or f"../runs/{preset}" + ("-quick" if quick else ""))
     figures = Path(os.environ.get("DSUTIL_FIGURES") or run_dir / "figures")
     return Notebook(preset, quick, compute, load_config(preset, quick=quick), run_dir, figures)

@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import crop_flip, rrc_boxes
-from .files import atomic_path, json_ready, load_tensors, read_json, save_tensors, write_json
+from .files import atomic_path, load_tensors, read_json, save_tensors, write_json
 from .image_store import ENCODINGS, IMAGE_FORMATS, READ_BATCH, ImageSet, quantise, write_image_set
-from .layout import RECOVER_FILES, recover_dir  # noqa: F401 (recover_dir: the run's sets, for callers)
-from .runtime import barrier, derive_seed, is_main, my_share, resolve_device
+from .layout import MARKER, RECOVER_FILES, SQUEEZE_MARKER, recover_dir  # noqa: F401 (recover_dir: for callers)
+from .runtime import barrier, derive_seed, is_main, log, my_share, resolve_device
 from .settings import check_choices, check_crop_scale, non_negative, positive, require
 from .squeeze import BNStats, bn_layers, load_squeezed
+from .stage import Identity, Marker, input_key
 
 METHODS = {  # name -> (grouping, BN targets)
     "sre2l": ("cross-class", "global"),
@@ -67,7 +68,9 @@ class RecoverConfig:
     image_format: str = "lossless"  # uint8 pixels rounded, or jpeg75: the official truncation + JPEG-75 round trip
     CHOICES: ClassVar[dict] = {"method": (*METHODS, REAL), "global_targets": GLOBAL_TARGETS, "pixels": tuple(ENCODINGS),
                                "jitter_range": JITTER_RANGES, "image_format": IMAGE_FORMATS}
-
+    # added after runs were made, with the value that gives the behaviour of before (sets were float32 before uint8
+    # image stores); left out of a stage's key while they hold it
+    ADDED: ClassVar[dict] = {"jitter_range": "symmetric", "pixels": "float32", "image_format": "lossless"}
 
     def __post_init__(self):
         check_choices(self)
@@ -82,6 +85,10 @@ class RecoverConfig:
             non_negative(name, getattr(self, name))
         require(self.image_format == "lossless" or self.pixels == "uint8", "image_format", self.image_format,
                 "lossless, unless pixels is uint8 (a JPEG holds uint8 pixels)")
+
+    def identity(self) -> dict:
+        """The settings as they bear on the set: real images are picked, never iterated."""
+        return asdict(self) | ({"iterations": 0} if self.method == REAL else {})
 
 
 @dataclass
@@ -165,6 +172,21 @@ def unit_statistics(feat: torch.Tensor, unit_of: torch.Tensor, unit_size: torch.
     return mean, sums(square_img) / unit_size[:, None] - mean ** 2
 
 
+def augmentation_draws(gens: list[torch.Generator], cfg: RecoverConfig, size: tuple[int, int], device):
+    """Every crop box, flip and shift of a recover, drawn up front group by group in iteration order (the same
+    sequence per group as drawing iteration by iteration) and copied to the device once: iterations x groups x ..."""
+    boxes, flips, shifts = [], [], []
+    for gen in gens:
+        b, f, s = [], [], []
+        for _ in range(cfg.iterations):
+            b.append(rrc_boxes(1, *size, cfg.crop_scale, generator=gen))
+            f.append(torch.rand(1, generator=gen) < 0.5 if cfg.flip else torch.zeros(1, dtype=torch.bool))
+            s.append(torch.randint(-cfg.jitter if cfg.jitter_range == "symmetric" else 0, cfg.jitter + 1, (1, 2),
+                                   generator=gen))
+        boxes.append(torch.cat(b)), flips.append(torch.cat(f)), shifts.append(torch.cat(s))
+    return tuple(torch.stack(t, 1).to(device) for t in (boxes, flips, shifts))
+
+
 def synthesize(teacher: torch.nn.Module, groups: list[Group], targets: BNTargets, method: str,
                cfg: RecoverConfig, image_shape: tuple[int, int, int], pixel_range, device) -> list[Group]:
     """Optimise the images of ``groups`` together in one batch; fills each group's images and losses."""
@@ -192,20 +214,7 @@ def synthesize(teacher: torch.nn.Module, groups: list[Group], targets: BNTargets
     group_size = torch.tensor(sizes, device=device, dtype=dt)
     low, high = (p.to(device, dt) for p in pixel_range)
 
-    # every augmentation draw up front, group by group in iteration order (the same sequence per group as
-    # drawing iteration by iteration), and one copy to the device instead of one per iteration
-    height, width = image_shape[1:]
-    boxes, flips, shifts = [], [], []
-    for gen in gens:
-        b, f, s = [], [], []
-        for _ in range(cfg.iterations):
-            b.append(rrc_boxes(1, height, width, cfg.crop_scale, generator=gen))
-            f.append(torch.rand(1, generator=gen) < 0.5 if cfg.flip else torch.zeros(1, dtype=torch.bool))
-            s.append(torch.randint(-cfg.jitter if cfg.jitter_range == "symmetric" else 0, cfg.jitter + 1, (1, 2),
-                                   generator=gen))
-        boxes.append(torch.cat(b)), flips.append(torch.cat(f)), shifts.append(torch.cat(s))
-    # iterations x groups x ..., then one row per image through group_of
-    boxes, flips, shifts = (torch.stack(t, 1).to(device) for t in (boxes, flips, shifts))
+    boxes, flips, shifts = augmentation_draws(gens, cfg, image_shape[1:], device)  # per iteration x group
 
     bn_inputs = []
     hooks = [m.register_forward_hook(lambda m, i, o: bn_inputs.append(i[0])) for _, m in bn_layers(teacher)]
@@ -268,13 +277,23 @@ def parse_classes(text: str | None, num_classes: int) -> range:
     return r
 
 
+def recover_in_memory(teacher, stats, cfg: RecoverConfig, num_classes: int, image_shape, pixel_range,
+                      device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small set made by the recover engine and kept in memory (nothing written): notebook 05's recovers.
+    Returns the normalised images and their labels."""
+    groups = make_groups(cfg.method, cfg.ipc, range(num_classes), cfg.seed, cfg.chunk_classes)
+    synthesize(teacher, groups, BNTargets(teacher, stats, cfg.global_targets, device), cfg.method, cfg, image_shape,
+               pixel_range, device)
+    return torch.cat([g.images for g in groups]), torch.cat([g.labels for g in groups])
+
+
 def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: str = "auto",
-            progress: bool = True) -> dict | None:
+            progress: bool = True, restart: bool = False) -> dict | None:
     """Synthesise (or pick, for ``real``) IPC images per class into the run's recover folder.
 
-    Finished units are written atomically and skipped on a rerun, so a killed
-    run resumes where it stopped. Returns the summary once every class is done; a finished folder of the
-    same settings is returned as it is.
+    Finished units are written atomically and skipped on a rerun, so a killed run resumes where it stopped.
+    Returns the summary once every class is done; a finished folder of the same key (:func:`recover_identity`)
+    is returned as it is; one made for another key is refused, or removed first with ``restart``.
     """
     dev = resolve_device(device)
     teacher, spec, stats, info = load_squeezed(run_dir, dev)
@@ -285,14 +304,9 @@ def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: s
     if not (0 <= classes.start < classes.stop <= num_classes):
         raise ValueError(f"classes {classes.start}:{classes.stop} outside the dataset's 0:{num_classes}")
     out = recover_dir(run_dir, cfg.method, cfg.ipc)
-    settings = asdict(cfg) | {"teacher": spec}
-    if (out / "settings.json").exists():
-        old = read_json(out / "settings.json")
-        made = any((out / "units").glob("*.safetensors"))  # a run that failed before making anything blocks nothing
-        if json_ready(old) != json_ready(settings) and made:
-            raise ValueError(f"{out} holds images made with other settings; remove it or use another method name")
-        if json_ready(old) == json_ready(settings) and (out / "recover.json").exists():
-            return read_json(out / "recover.json")  # finished: returned as it is, no byte rewritten
+    ident, marker = recover_identity(run_dir, cfg), Marker(out / MARKER)
+    if marker.claim(ident, RECOVER_FILES, restart, "a distilled set"):
+        return read_json(out / "recover.json")  # finished: returned as it is, no byte rewritten
     progress = progress and is_main()
     shape = (spec["in_channels"], spec["image_size"], spec["image_size"])
     mean, std = info["dataset"]["mean"], info["dataset"]["std"]
@@ -302,9 +316,7 @@ def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: s
     # the units still missing, seen alike by every rank before any writes; each rank makes its share
     groups = [g for g in make_groups(cfg.method, cfg.ipc, classes, cfg.seed, cfg.chunk_classes)
               if not (out / "units" / f"{g.name}.safetensors").exists()] if cfg.method != REAL else []
-    barrier()
-    if is_main():
-        write_json(out / "settings.json", settings)
+    marker.start(ident)  # every rank has seen the units still missing
     if cfg.method == REAL:
         _pick_real(run_dir, info, cfg, classes, out)
         synth_seconds, image_iterations = 0.0, 0
@@ -322,7 +334,16 @@ def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: s
     barrier()  # every rank's units are written
     summary = assemble(run_dir, cfg, spec, info, teacher, dev, synth_seconds, image_iterations) if is_main() else None
     barrier()
-    return summary if is_main() or not (out / "recover.json").exists() else read_json(out / "recover.json")
+    if not (out / "recover.json").exists():
+        return None  # classes still to do (another range)
+    marker.finish(time.time() - start)
+    return summary if is_main() else read_json(out / "recover.json")
+
+
+def recover_identity(run_dir, cfg: RecoverConfig) -> Identity:
+    """A set's key: its settings and the run's teacher (squeeze's key); the teacher's file is its input."""
+    teacher = Path(run_dir) / "teacher.safetensors"
+    return Identity("recover", cfg, (input_key(teacher.parent / SQUEEZE_MARKER, teacher),), (teacher,))
 
 
 def _pick_real(run_dir, info, cfg: RecoverConfig, classes: range, out: Path) -> None:
@@ -355,7 +376,7 @@ def assemble(run_dir, cfg: RecoverConfig, spec, info, teacher, device, synth_sec
     counts = torch.bincount(labels, minlength=spec["num_classes"])
     if (counts < cfg.ipc).any():
         missing = (counts < cfg.ipc).sum().item()
-        print(f"{out}: {missing} of {spec['num_classes']} classes still to do; run the other class ranges")
+        log.info(f"{out}: {missing} of {spec['num_classes']} classes still to do; run the other class ranges")
         return None
     where = [(u, r) for u, p in zip(units, small) for r in range(len(p["labels"]))]  # unit and row of each image
     order = torch.argsort(labels, stable=True)

@@ -18,14 +18,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .files import claim, file_sha256, json_ready, read_json, remove_own, write_json
+from .files import claim, file_sha256, write_json
 from .image_store import ImageSet
 from .labels import DTYPES, FORMAT_VERSION, PRUNE_POOLS, TOPK_FILLS, BatchRecord, check_prune_ratio, pool_order, write_epoch
-from .layout import PENDING, STORE_FILES, TIMING, relabel_store_dir
+from .layout import MARKER, STORE_FILES, TIMING, relabel_store_dir
 from .replay import StepBatches, epoch_records
 from .runtime import LoaderWait, barrier, derive_seed, is_main, loader_options, my_share, resolve_device
 from .settings import check_choices, check_crop_scale, positive, require
 from .squeeze import load_squeezed
+from .stage import Identity, Marker, input_key
 
 MIXES = ("none", "cutmix", "mixup")
 
@@ -47,6 +48,9 @@ class RelabelConfig:
     teacher_bf16: bool = False  # the teacher labels under bf16 autocast (fast on a GPU; logits stored as dtype)
     seed: int = 0
     CHOICES: ClassVar[dict] = {"mix": MIXES, "dtype": tuple(DTYPES), "prune_pool": PRUNE_POOLS, "topk_fill": TOPK_FILLS}
+    # added after runs were made, with the value that gives the behaviour of before (top-k stores were filled with
+    # the minimum before MR-k's zero); left out of a stage's key while they hold it
+    ADDED: ClassVar[dict] = {"prune_pool": "uniform", "topk": None, "topk_fill": "min", "teacher_bf16": False}
 
     def __post_init__(self):
         check_choices(self)
@@ -59,12 +63,11 @@ class RelabelConfig:
         require(self.topk is None or self.topk >= 1, "topk", self.topk, "1 or more (or unset: every logit)")
         positive("topk_temperature", self.topk_temperature)
 
-
-def label_settings(settings: dict) -> dict:
-    """Relabel settings as they bear on the labels: the top-k fill and temperature only where top-k is set."""
-    drop = ("topk_fill", "topk_temperature") if settings.get("topk") is None else \
-        ("topk_temperature",) if settings.get("topk_fill") != "probs" else ()
-    return {k: v for k, v in settings.items() if k not in drop}
+    def identity(self) -> dict:
+        """The settings as they bear on the labels: the top-k fill and temperature only where top-k is set."""
+        drop = ("topk_fill", "topk_temperature") if self.topk is None else \
+            ("topk_temperature",) if self.topk_fill != "probs" else ()
+        return {k: v for k, v in asdict(self).items() if k not in drop}
 
 
 def check_input_size(images: ImageSet, spec: dict, run_dir) -> None:
@@ -91,11 +94,12 @@ def relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path | None = None, de
 
     ``workers`` DataLoader processes read and replay the batches while the teacher labels (None: as many as
     :func:`~dsutil.runtime.loader_workers` allows); the store is the same bytes whatever their number.
-    The inputs and settings go into ``pending.json`` before any epoch file; an interrupted relabel with
-    the same ones resumes, keeping each epoch file that is whole and holds the batches it should. A folder
-    made from other inputs or settings is refused, or cleared with ``restart`` (which removes only the store's
-    own files). ``manifest.json`` is last; a finished store of the same inputs and settings is returned as it is,
-    untouched. Times go to ``timing.json``, which nothing reads, so the manifest is the same bytes on every run.
+    The store's marker (its key: :func:`relabel_identity`) is written before any epoch file; an interrupted
+    relabel of the same key resumes, keeping each epoch file that is whole and holds the batches it should. A
+    folder made for another key is refused, or cleared first with ``restart`` (which removes only the store's
+    own files). ``manifest.json`` and then the finished marker are last; a finished store of the same key is
+    returned as it is, untouched. Times go to ``timing.json``, which nothing reads, so the manifest is the same
+    bytes on every run.
     """
     out = Path(out) if out else relabel_store_dir(run_dir, images_dir, cfg)
     with claim(out, "relabel"):
@@ -111,38 +115,49 @@ def _relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path, device, progres
     require(cfg.topk is None or cfg.topk <= spec["num_classes"], "topk", cfg.topk,
             f"at most the number of classes ({spec['num_classes']})")
     check_input_size(images, spec, run_dir)
-    intent = {"images_sha256": file_sha256(images.path),
-              "teacher_sha256": file_sha256(Path(run_dir) / "teacher.safetensors"), "settings": json_ready(label_settings(asdict(cfg)))}
-    for marker in (out / "manifest.json", out / PENDING):  # epoch files present are reused only for the same inputs
-        if marker.exists():
-            old = {k: json_ready(read_json(marker).get(k)) for k in intent}
-            if isinstance(old["settings"], dict):  # settings added since were at their defaults: the old behaviour
-                old["settings"] = json_ready(label_settings(asdict(RelabelConfig()) | old["settings"]))
-            if old == intent and marker.name == "manifest.json":
-                return out  # finished with these inputs and settings: nothing to do, no byte changes
-            if old != intent:
-                if not restart:
-                    raise ValueError(f"{out} holds labels made from other images, teacher or settings ({marker.name}); "
-                                     "remove it, choose another --out, or pass --restart")
-                barrier()  # every rank has read the folder before it goes
-                if is_main():
-                    remove_own(out, STORE_FILES)
-            break
-    barrier()
-    if is_main():
-        write_json(out / PENDING, intent)  # before any epoch file: a killed run's files say what they were made for
+    ident, marker = relabel_identity(run_dir, images_dir, cfg), Marker(out / MARKER)
+    if marker.claim(ident, STORE_FILES, restart, "labels"):
+        return out  # finished with these inputs and settings: nothing to do, no byte changes
+    marker.start(ident)  # before any epoch file: a killed run's files say what they were made for
     progress = progress and is_main()
     start = time.time()
-    n, hw = len(images), tuple(images.shape[-2:])
+    n, per_epoch = len(images), math.ceil(len(images) / cfg.batch_size)
+    present, todo, counts = _epochs_to_label(out, n, tuple(images.shape[-2:]), cfg)
+    barrier()  # every rank has seen which epoch files are whole before any is written
+    steps = [("fresh", e, b) for e in my_share(todo) for b in present[e]]  # under torchrun: whole epochs per rank
+    waited = _label_epochs(teacher, images, steps, cfg, out, spec["num_classes"], dev, workers, progress)
+    barrier()  # every rank's epoch files are written
+    present = {e: b for e, b in present.items() if b}
+    manifest = {"format_version": FORMAT_VERSION, "classes": images.classes, "teacher": spec,
+                "teacher_sha256": file_sha256(Path(run_dir) / "teacher.safetensors"),
+                "images": _relative_to(images.path, run_dir),
+                "images_sha256": file_sha256(images.path),
+                "num_images": n, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                "batches_per_epoch": per_epoch, "dtype": cfg.dtype, "topk": cfg.topk, "topk_fill": cfg.topk_fill,
+                "augmentation": {"crop_scale": cfg.crop_scale, "flip": cfg.flip, "mix": cfg.mix,
+                                 "mix_alpha": cfg.mix_alpha},
+                "settings": asdict(cfg), "present": present}
+    manifest |= {"images_never_labelled": float((counts == 0).double().mean()),  # how evenly the labels cover
+                 "labels_per_image_min": int(counts.min()), "labels_per_image_max": int(counts.max())}  # the images
+    if is_main():
+        write_json(out / TIMING, {"seconds": time.time() - start, "loader_wait_seconds": waited})
+        write_json(out / "manifest.json", manifest)
+    marker.finish(time.time() - start)  # last: the store is complete
+    return out
+
+
+def _epochs_to_label(out: Path, n: int, hw: tuple[int, int], cfg: RelabelConfig):
+    """The batches each epoch stores (all, or those random pruning keeps: known before relabelling, so only they
+    are generated), the epochs whose file is not already whole, and each image's number of stored labels."""
     per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * per_epoch
     keep = set(range(total))
-    if cfg.prune_ratio:  # known before relabelling: only the kept batches are generated
+    if cfg.prune_ratio:
         units = [[(e, b)] for e in range(cfg.epochs) for b in range(per_epoch)]  # generation order: index e * B + b
         order = pool_order(units, cfg.prune_pool, torch.Generator().manual_seed(derive_seed(cfg.seed, "prune")))
         keep = set(order[:max(1, round(total * (1 - cfg.prune_ratio)))])
-    present, todo = {}, []  # the kept batches of each epoch; the epochs still to label
-    counts = torch.zeros(n, dtype=torch.long)  # stored labels per image
+    present, todo = {}, []
+    counts = torch.zeros(n, dtype=torch.long)
     for epoch in range(cfg.epochs):
         records = [r for r in epoch_records(n, hw, cfg, epoch) if epoch * per_epoch + r.batch in keep]
         present[epoch] = [r.batch for r in records]
@@ -150,14 +165,20 @@ def _relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path, device, progres
             counts[r.index] += 1
         if records and not _holds(out / f"epoch{epoch:05d}.safetensors", records):
             todo.append(epoch)
-    barrier()  # every rank has seen which epoch files are whole before any is written
-    steps = [("fresh", e, b) for e in my_share(todo) for b in present[e]]  # under torchrun: whole epochs per rank
+    return present, todo, counts
+
+
+def _label_epochs(teacher, images: ImageSet, steps: list, cfg: RelabelConfig, out: Path, num_classes: int, dev,
+                  workers, progress: bool) -> float:
+    """The teacher's logits of ``steps`` (``("fresh", epoch, batch)``, whole epochs in order), each epoch's file
+    written when its last batch is labelled; returns the seconds the loop waited for its loader."""
+    n, hw = len(images), tuple(images.shape[-2:])
     batches = StepBatches(images, steps, cfg)
     loader = LoaderWait(DataLoader(batches, batch_size=None, **loader_options(batches, workers, dev)))
     done: list[BatchRecord] = []
     # one epoch's logits in one buffer, made once and refilled every epoch, on the device (moved to the host per
     # epoch: no wait for the device per batch): no long-lived small allocation per batch to fragment the heap
-    epoch_logits, row = torch.empty(n, spec["num_classes"], device=dev), 0
+    epoch_logits, row = torch.empty(n, num_classes, device=dev), 0
     with tqdm(loader, desc="relabel", disable=not progress, total=len(steps)) as bar:  # closed on errors too
         for i, (x, *_) in enumerate(bar):
             epoch, batch = steps[i][1:]
@@ -170,28 +191,18 @@ def _relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path, device, progres
             row += len(x)
             done.append(records[batch])
             if i + 1 == len(steps) or steps[i + 1][1] != epoch:  # the epoch's last batch: write its file
-                write_epoch(out / f"epoch{epoch:05d}.safetensors", done, spec["num_classes"], cfg.dtype, cfg.topk,
+                write_epoch(out / f"epoch{epoch:05d}.safetensors", done, num_classes, cfg.dtype, cfg.topk,
                             cfg.topk_fill, cfg.topk_temperature)
                 done = []
-    barrier()  # every rank's epoch files are written
-    present = {e: b for e, b in present.items() if b}
-    manifest = {"format_version": FORMAT_VERSION, "classes": images.classes, "teacher": spec,
-                "teacher_sha256": intent["teacher_sha256"],
-                "images": _relative_to(images.path, run_dir),
-                "images_sha256": intent["images_sha256"],
-                "num_images": n, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                "batches_per_epoch": per_epoch, "dtype": cfg.dtype, "topk": cfg.topk, "topk_fill": cfg.topk_fill,
-                "augmentation": {"crop_scale": cfg.crop_scale, "flip": cfg.flip, "mix": cfg.mix,
-                                 "mix_alpha": cfg.mix_alpha},
-                "settings": asdict(cfg), "present": present}
-    manifest |= {"images_never_labelled": float((counts == 0).double().mean()),  # how evenly the labels cover
-                 "labels_per_image_min": int(counts.min()), "labels_per_image_max": int(counts.max())}  # the images
-    if is_main():
-        write_json(out / TIMING, {"seconds": time.time() - start, "loader_wait_seconds": loader.seconds})
-        write_json(out / "manifest.json", manifest)  # last: the store is complete
-        (out / PENDING).unlink()
-    barrier()
-    return out
+    return loader.seconds
+
+
+def relabel_identity(run_dir, images_dir, cfg: RelabelConfig) -> Identity:
+    """A store's key: its settings and its images' key (the set's stage, which names the teacher); the images'
+    and the teacher's files are its inputs."""
+    images = Path(images_dir) / "images.safetensors"
+    return Identity("relabel", cfg, (input_key(images.parent / MARKER, images),),
+                    (images, Path(run_dir) / "teacher.safetensors"))
 
 
 def _holds(path: Path, records: list[BatchRecord]) -> bool:

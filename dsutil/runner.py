@@ -1,16 +1,13 @@
-"""The experiment runner: every stage of a preset, cached by a hash of its settings.
+"""The experiment runner: every stage of a preset, reused when its marker says it is finished.
 
-Each stage writes ``stage.json`` (the hash of its own settings and of its
-inputs' hashes) when it finishes. A rerun reuses a stage whose hash is
-unchanged and redoes one whose settings or inputs changed, and with it
-everything downstream, because downstream hashes include upstream ones.
+Each stage keeps one marker (:mod:`dsutil.stage`): its key, a hash of its settings and of its inputs' keys. A
+rerun reuses a stage whose key is unchanged and redoes one whose settings or inputs changed, and with it
+everything downstream, because downstream keys include upstream ones.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,32 +17,24 @@ from .config import ExperimentConfig
 from .files import json_ready, read_json, remove_own, write_json
 from .image_store import ImageSet
 from .labels import DYNAMICS_METRICS, LabelStore
-from .layout import RECOVER_FILES, STORE_FILES, STUDENT_FILES, label_store_dir, recover_dir, student_dir
+from .layout import (
+    MARKER,
+    RECOVER_FILES,
+    SQUEEZE_MARKER,
+    STORE_FILES,
+    STUDENT_FILES,
+    label_store_dir,
+    made_from_teacher,
+    recover_dir,
+    student_dir,
+)
 from .models import feature_batches
-from .recover import recover
-from .relabel import label_settings, relabel
-from .runtime import barrier, derive_seed, dsutil_environment, is_main, resolve_device
-from .squeeze import load_squeezed, squeeze
-from .train import train_student
-
-# Settings added after runs were made, with their defaults: left out of a stage's hash while at the default
-# (which gives the results of before), so that adding a setting does not redo every finished stage.
-ADDED_LATER = {"topk": None, "topk_fill": "min", "temperature_schedule": "constant", "temperature_step_epochs": 30,
-               "temperature_gamma": 0.7, "temperature_min": 1.0, "student_temperature": None,
-               "temperature_ratio": 1.0, "hard_epochs": 0.0, "hard_weight": 0.0, "scores_from": None,
-               "teacher_bf16": False, "norm": "batch", "eval_resize": None,
-               "pixels": "float32",  # not today's default: sets were float32 before uint8 image stores
-               "prune_pool": "uniform", "pool": "uniform", "draw": "cycle", "warmup_epochs": 0, "decay_1d": True,
-               "bn_views": "plain", "bn_estimator": "exact", "bn_momentum": 0.1, "bn_batch_size": 256,
-               "jitter_range": "symmetric", "image_format": "lossless", "normalize": None, "augment": "shift", "lr_warmup_epochs": None}
-
-
-def settings_hash(settings: dict, upstream: list[str]) -> str:
-    def kept(d):  # sections (squeeze's data: and teacher:) are filtered alike
-        d = label_settings(d) if "topk" in d else d
-        return {k: kept(v) if isinstance(v, dict) else v for k, v in d.items()
-                if k not in ADDED_LATER or v != ADDED_LATER[k]}
-    return hashlib.sha256(json.dumps((kept(settings), upstream), sort_keys=True, default=str).encode()).hexdigest()[:16]
+from .recover import recover, recover_identity
+from .relabel import relabel, relabel_identity
+from .runtime import barrier, derive_seed, dsutil_environment, is_main, log, resolve_device
+from .squeeze import load_squeezed, squeeze, squeeze_identity
+from .stage import Identity, Marker
+from .train import student_identity, train_student
 
 
 class Stages:
@@ -57,31 +46,26 @@ class Stages:
         self.seconds: dict[str, float] = {}
         self.progress = progress
 
-    def __call__(self, name: str, marker: Path, settings: dict, upstream: list[str], fn,
-                 own: tuple[str, ...] = ()) -> str:
-        """Reuse the stage when ``marker`` holds its hash, else run ``fn``; a stage of other settings first loses
-        its files (``own``: glob patterns of what the stage writes in the marker's folder; the user's stay)."""
-        h = settings_hash(settings, upstream)
-        done = marker.exists() and read_json(marker).get("hash") == h
+    def __call__(self, name: str, marker: Path, ident: Identity, fn, own: tuple[str, ...]) -> str:
+        """Reuse the stage when ``marker`` records it finished with ``ident``'s key, else run ``fn`` (which
+        resumes an unfinished run of the same key); a folder made for another key first loses its stage files
+        (``own``: glob patterns in the marker's folder; the user's files stay)."""
+        marker = Marker(marker)
+        done = marker.finished(ident)
         barrier()  # under torchrun every rank decides before any writes
         if done:
             self.reused.append(name)
-            self.seconds[name] = read_json(marker).get("seconds")
-            return h
-        if own and is_main():
-            remove_own(marker.parent, (*own, marker.name))
-        barrier()
-        if self.progress and is_main():
-            print(f"[dsutil] {name} ...", flush=True)
+            self.seconds[name] = marker.seconds()
+            return ident.key
+        if marker.held_by_other(ident, own):
+            marker.clear(own)
+        if self.progress:
+            log.info(f"[dsutil] {name} ...")
         start = time.time()
         fn()
         self.seconds[name] = time.time() - start
-        if is_main():
-            write_json(marker, {"hash": h, "settings": settings, "upstream": upstream, "finished": time.time(),
-                                "seconds": self.seconds[name]})
-        barrier()
         self.ran.append(name)
-        return h
+        return ident.key
 
     def seconds_by_kind(self) -> dict[str, float | None]:
         """Total seconds per kind of stage (squeeze, recover, relabel, student), as first measured; None
@@ -106,9 +90,8 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
         write_json(out / "config.json", cfg.to_dict())
     stages = Stages(progress)
 
-    stages("squeeze", out / "squeeze.stage.json",
-           {"data": asdict(cfg.data), "teacher": asdict(cfg.teacher), "checkpoint": cfg.teacher_checkpoint},
-           [], lambda: squeeze(data, out, cfg.teacher, cfg.device, progress, cfg.teacher_checkpoint, restart=True))
+    stages("squeeze", out / SQUEEZE_MARKER, squeeze_identity(data, cfg.teacher, cfg.teacher_checkpoint),
+           lambda: squeeze(data, out, cfg.teacher, cfg.device, progress, cfg.teacher_checkpoint), own=made_from_teacher())
     teacher, spec, _, info = load_squeezed(out, resolve_device(cfg.device))  # the analyses run where the stages do
     methods: dict[str, dict] = {}
     for method in cfg.methods:
@@ -226,7 +209,7 @@ def finished_summary(cfg: ExperimentConfig, out) -> dict | None:
     """``summary.json`` of ``out`` when it was written for these settings (the frontier section aside, which the
     run does not read), else None."""
     path = Path(out) / "summary.json"
-    if not (path.exists() and (Path(out) / "squeeze.stage.json").exists()):
+    if not (path.exists() and (Path(out) / SQUEEZE_MARKER).exists()):
         return None
     summary = read_json(path)
     run_settings = lambda d: {k: v for k, v in json_ready(d or {}).items() if k != "frontier"}  # noqa: E731
@@ -239,21 +222,13 @@ def ensure_run(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
     return finished_summary(cfg, out) or run_experiment(cfg, out, progress)
 
 
-def stage_hash(folder) -> str:
-    """The settings hash a finished stage recorded in ``folder/stage.json``."""
-    marker = Path(folder) / "stage.json"
-    if not marker.exists():
-        raise FileNotFoundError(f"{marker} not found: that stage has not finished; run the experiment first")
-    return read_json(marker)["hash"]
-
-
 def ensure_labels(run_dir, method: str, ipc: int, lcfg, device: str = "auto", progress: bool = True,
                   stages: Stages | None = None) -> Path:
     """The label store of ``method``'s images made with relabel settings ``lcfg`` (relabelled when missing
     or made with other settings or images)."""
     run_dir, stages = Path(run_dir), stages or Stages(progress)
     rdir, store = recover_dir(run_dir, method, ipc), label_store_dir(run_dir, method, ipc, lcfg.topk, lcfg.topk_fill)
-    stages(f"relabel {store.name}", store / "stage.json", asdict(lcfg), [stage_hash(rdir)],
+    stages(f"relabel {store.name}", store / MARKER, relabel_identity(run_dir, rdir, lcfg),
            lambda: relabel(run_dir, rdir, lcfg, out=store, device=device, progress=progress), own=STORE_FILES)
     return store
 
@@ -263,10 +238,8 @@ def ensure_recover(run_dir, rcfg, device: str = "auto", progress: bool = True, s
 
     Notebooks use it for extra methods (the ablations), which are then cached like the preset's."""
     run_dir, stages = Path(run_dir), stages or Stages(progress)
-    if rcfg.method == "real":
-        rcfg = replace(rcfg, iterations=0)  # irrelevant to picking real images; keep the hash stable
     rdir = recover_dir(run_dir, rcfg.method, rcfg.ipc)
-    stages(f"recover {rcfg.method}", rdir / "stage.json", asdict(rcfg), [read_json(run_dir / "squeeze.stage.json")["hash"]],
+    stages(f"recover {rcfg.method}", rdir / MARKER, recover_identity(run_dir, rcfg),
            lambda: recover(run_dir, rcfg, device=device, progress=progress), own=RECOVER_FILES)
     return rdir
 
@@ -282,12 +255,12 @@ def ensure_student(run_dir, method: str, scfg, ipc: int, device: str = "auto", d
         reference = ensure_student(run_dir, method, full, ipc, device, data, progress, stages, store)
         if not (Path(reference["dir"]) / "dynamics.safetensors").exists():  # trained before students kept them
             if is_main():
-                remove_own(reference["dir"], (*STUDENT_FILES, "stage.json"))
+                remove_own(reference["dir"], (*STUDENT_FILES, MARKER))
             barrier()
             reference = ensure_student(run_dir, method, full, ipc, device, data, progress, stages, store)
         scfg = replace(scfg, scores_from=reference["dir"])
     store = store or label_store_dir(run_dir, method, ipc)
     sdir = folder or student_dir(run_dir, method, ipc, scfg)
-    stages(f"student {sdir.name}", sdir / "stage.json", asdict(scfg), [stage_hash(store)],
+    stages(f"student {sdir.name}", sdir / MARKER, student_identity(store, scfg),
            lambda: train_student(run_dir, store, scfg, sdir, device, progress=progress, data=data), own=STUDENT_FILES)
     return read_json(sdir / "train.json") | {"dir": str(sdir)}

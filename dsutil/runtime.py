@@ -8,6 +8,7 @@ and ``world_size() == 1``, so the same code runs as one plain process.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import random
 import sys
@@ -97,6 +98,34 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0 (or a plain process): the one that prints progress and writes shared files."""
     return rank() == 0
+
+
+log = logging.getLogger("dsutil")  # what dsutil says while it works; shown by show_log (the CLI, the notebooks)
+
+
+class _MainRank(logging.Filter):
+    """Only rank 0 speaks: under torchrun the other ranks' records are dropped."""
+
+    def filter(self, record) -> bool:
+        return is_main()
+
+
+class _Stdout(logging.StreamHandler):
+    """Writes to sys.stdout as it is when a record comes (a notebook's, pytest's capture), not as it was."""
+
+    stream = property(lambda self: sys.stdout, lambda self, value: None)
+
+
+def show_log() -> None:
+    """dsutil's messages as plain lines on stdout, from rank 0 only (once per process; a library that imports
+    dsutil and never calls it sees nothing)."""
+    if not any(isinstance(h, _Stdout) for h in log.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_MainRank())
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def barrier() -> None:

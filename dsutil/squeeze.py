@@ -23,17 +23,15 @@ from .evaluate import evaluate
 from .files import (
     claim,
     file_sha256,
-    json_ready,
     load_model,
     load_tensors,
     read_json,
-    remove_own,
     save_model,
     save_tensors,
     write_json,
     write_metrics,
 )
-from .layout import made_from_teacher
+from .layout import SQUEEZE_MARKER, made_from_teacher
 from .models import ARCHS, build_model
 from .runtime import (
     barrier,
@@ -49,6 +47,7 @@ from .runtime import (
 )
 from .schedules import lr_schedule
 from .settings import check_choices, non_negative, positive, require
+from .stage import Identity, Marker
 
 BN_VIEWS = ("plain", "augmented")
 BN_ESTIMATORS = ("exact", "running")
@@ -75,6 +74,10 @@ class TeacherConfig:
     bn_batch_size: int = 256  # images per pass; the running estimator updates once per batch (official: 256)
     CHOICES: ClassVar[dict] = {"arch": ARCHS, "optimizer": ("sgd", "adamw"), "augment": ("shift", "rrc"),
                                "bn_views": BN_VIEWS, "bn_estimator": BN_ESTIMATORS}
+    # added after runs were made, with the value that gives the behaviour of before; left out of a stage's key while
+    # they hold it
+    ADDED: ClassVar[dict] = {"augment": "shift", "lr_warmup_epochs": None, "bn_views": "plain", "bn_estimator": "exact",
+                             "bn_momentum": 0.1, "bn_batch_size": 256}
 
     def __post_init__(self):
         check_choices(self)
@@ -126,52 +129,79 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     return layers
 
 
+class _ExactBN:
+    """One BN layer's float64 sums of every image's inputs per class, and of their squares: exact statistics."""
+
+    def __init__(self, num_classes: int, momentum: float):
+        self.num_classes, self.sum, self.square = num_classes, None, None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, pixels: int) -> None:
+        if self.sum is None:
+            self.sum = torch.zeros(self.num_classes, x.shape[1], dtype=torch.float64, device=x.device)
+            self.square = torch.zeros_like(self.sum)
+        self.sum.index_add_(0, y, x.sum((2, 3)))
+        self.square.index_add_(0, y, (x * x).sum((2, 3)))
+
+    def result(self, count: torch.Tensor, pixels: int) -> tuple[torch.Tensor, ...]:
+        """Class mean and variance, global mean and variance (biased, over every pixel)."""
+        n_pix = count[:, None] * pixels
+        mean = self.sum / n_pix
+        g_mean = self.sum.sum(0) / n_pix.sum()
+        return (mean, (self.square / n_pix - mean * mean).clamp_min(0), g_mean,
+                (self.square.sum(0) / n_pix.sum() - g_mean * g_mean).clamp_min(0))
+
+
+class _RunningBN(_ExactBN):
+    """One BN layer's running estimates, the official rule: from mean 0 and variance 1, each batch moves a
+    class's estimate by ``momentum`` towards its images' biased statistics in the batch, the global one
+    towards the batch's."""
+
+    def __init__(self, num_classes: int, momentum: float):
+        super().__init__(num_classes, momentum)
+        self.momentum, self.estimates = momentum, None  # class mean, class var, global mean, global var
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, pixels: int) -> None:
+        self.sum = self.square = None  # this batch's sums alone
+        super().add(x, y, pixels)
+        s, sq, m = self.sum, self.square, self.momentum
+        n = torch.bincount(y, minlength=self.num_classes).double()[:, None] * pixels
+        present = n[:, 0] > 0
+        mean = s[present] / n[present]
+        if self.estimates is None:
+            channels = x.shape[1]
+            self.estimates = [torch.zeros_like(s), torch.ones_like(s),
+                              torch.zeros(channels, dtype=torch.float64, device=x.device),
+                              torch.ones(channels, dtype=torch.float64, device=x.device)]
+        r = self.estimates
+        g_mean = s.sum(0) / n.sum()
+        for est, value in ((0, mean), (1, sq[present] / n[present] - mean * mean)):
+            r[est][present] = (1 - m) * r[est][present] + m * value
+        r[2] = (1 - m) * r[2] + m * g_mean
+        r[3] = (1 - m) * r[3] + m * (sq.sum(0) / n.sum() - g_mean * g_mean)
+
+    def result(self, count: torch.Tensor, pixels: int) -> tuple[torch.Tensor, ...]:
+        return tuple(self.estimates)
+
+
 @torch.no_grad()
 def bn_statistics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: list[str],
                   device: torch.device | str = "cpu", estimator: str = "exact", momentum: float = 0.1) -> BNStats:
     """BN input statistics from one pass over ``(normalised images, labels)`` batches: ``exact`` (float64
     sums over every image; under torchrun each rank's batches are its share) or ``running`` (the official
-    rule: starting from mean 0 and variance 1, every batch moves a class's estimate by ``momentum`` towards
-    the biased statistics of that class's images in the batch, and the global one towards the batch's)."""
+    rule, :class:`_RunningBN`)."""
     layers = bn_layers(model)
     num_classes = len(classes)
-    sums: list = [None] * len(layers)
-    squares: list = [None] * len(layers)
+    per_layer = [(_ExactBN if estimator == "exact" else _RunningBN)(num_classes, momentum) for _ in layers]
     count = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    current = {}
-    running = {}  # layer -> (class mean, class var, global mean, global var), float64
+    pixels: dict[int, int] = {}
+    labels = {}
 
     def hook(i):
         def record(module, inputs, output):
             x = inputs[0].double()
-            y = current["y"]
-            if sums[i] is None:
-                sums[i] = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device)
-                squares[i] = torch.zeros_like(sums[i])
-                current[i] = x.shape[2] * x.shape[3]
-            elif x.shape[2] * x.shape[3] != current[i]:
+            if pixels.setdefault(i, x.shape[2] * x.shape[3]) != x.shape[2] * x.shape[3]:
                 raise ValueError(f"BN layer {layers[i][0]} saw inputs of varying size; resize the images")
-            if estimator == "exact":
-                sums[i].index_add_(0, y, x.sum((2, 3)))
-                squares[i].index_add_(0, y, (x * x).sum((2, 3)))
-                return
-            s, sq = torch.zeros_like(sums[i]), torch.zeros_like(sums[i])
-            s.index_add_(0, y, x.sum((2, 3)))
-            sq.index_add_(0, y, (x * x).sum((2, 3)))
-            n = torch.bincount(y, minlength=num_classes).double()[:, None] * current[i]
-            present = n[:, 0] > 0
-            mean = s[present] / n[present]
-            if i not in running:
-                channels = x.shape[1]
-                running[i] = [torch.zeros_like(sums[i]), torch.ones_like(sums[i]),
-                              torch.zeros(channels, dtype=torch.float64, device=x.device),
-                              torch.ones(channels, dtype=torch.float64, device=x.device)]
-            r = running[i]
-            g_mean = s.sum(0) / n.sum()
-            for est, value in ((0, mean), (1, sq[present] / n[present] - mean * mean)):
-                r[est][present] = (1 - momentum) * r[est][present] + momentum * value
-            r[2] = (1 - momentum) * r[2] + momentum * g_mean
-            r[3] = (1 - momentum) * r[3] + momentum * (sq.sum(0) / n.sum() - g_mean * g_mean)
+            per_layer[i].add(x, labels["y"], pixels[i])
         return record
 
     handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
@@ -182,32 +212,22 @@ def bn_statistics(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
             y = y.to(device)
             if y.numel() and (y.min() < 0 or y.max() >= num_classes):
                 raise ValueError(f"labels outside 0..{num_classes - 1}")
-            current["y"] = y
+            labels["y"] = y
             count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
             model(x.to(device))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if estimator == "exact":
-        sum_over_ranks([count, *sums, *squares])  # under torchrun each rank saw a share of the images
+    if estimator == "exact":  # under torchrun each rank saw a share of the images
+        sum_over_ranks([count, *(t for layer in per_layer for t in (layer.sum, layer.square))])
     if count.sum() == 0:
         raise ValueError("no images were given to bn_statistics")
     stats = BNStats([n for n, _ in layers], list(classes), count.cpu(), [], [])
-    if estimator == "running":
-        for i in range(len(layers)):
-            for target, value in zip((stats.class_mean, stats.class_var, stats.global_mean, stats.global_var),
-                                     running[i]):
-                target.append(value.cpu())
-        return stats
-    for i in range(len(layers)):
-        n_pix = count[:, None] * current[i]
-        mean = sums[i] / n_pix
-        stats.class_mean.append(mean.cpu())
-        stats.class_var.append((squares[i] / n_pix - mean * mean).clamp_min(0).cpu())
-        g_mean = sums[i].sum(0) / n_pix.sum()
-        stats.global_mean.append(g_mean.cpu())
-        stats.global_var.append((squares[i].sum(0) / n_pix.sum() - g_mean * g_mean).clamp_min(0).cpu())
+    for i, layer in enumerate(per_layer):
+        for target, value in zip((stats.class_mean, stats.class_var, stats.global_mean, stats.global_var),
+                                 layer.result(count, pixels[i])):
+            target.append(value.cpu())
     return stats
 
 
@@ -334,18 +354,11 @@ def _squeeze(data: ImageData, out_dir: Path, cfg: TeacherConfig, device, progres
     if cfg.epochs == 0 and not (cfg.pretrained or teacher_checkpoint):
         raise ValueError("teacher epochs=0 would keep an untrained teacher; train it (epochs >= 1), or start from "
                          "--pretrained weights or a teacher checkpoint")
-    intent = json_ready({"dataset": data.describe(), "settings": asdict(cfg), "teacher_checkpoint_sha256":
-                         file_sha256(teacher_checkpoint) if teacher_checkpoint else None})
-    if (out_dir / "squeeze.json").exists() and not restart:
-        done = read_json(out_dir / "squeeze.json")
-        if done.get("intent") == intent:
-            return done  # this very squeeze, finished: nothing rewritten
-        raise ValueError(f"{out_dir} already holds a squeezed run (squeeze.json) of other data or settings; its "
-                         "images, labels and students were made from its teacher. Choose another --out, or pass "
-                         "--restart to replace the teacher and remove everything made from it")
-    barrier()  # every rank has seen the run as it was
-    if (out_dir / "squeeze.json").exists() and is_main():
-        remove_own(out_dir, made_from_teacher())
+    ident, marker = squeeze_identity(data, cfg, teacher_checkpoint), Marker(out_dir / SQUEEZE_MARKER)
+    if marker.claim(ident, made_from_teacher(), restart, "a teacher and what was made from it (images, labels, "
+                    "students)"):
+        return read_json(out_dir / "squeeze.json")  # this very squeeze, finished: nothing rewritten
+    marker.start(ident)
     progress = progress and is_main()
     start = time.time()
     if teacher_checkpoint:
@@ -378,12 +391,19 @@ def _squeeze(data: ImageData, out_dir: Path, cfg: TeacherConfig, device, progres
     summary = {"dataset": data.describe(), "teacher": spec, "settings": asdict(cfg), "device": str(dev),
                "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
                "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],
-               "train_seconds": train_seconds, "seconds": time.time() - start, "intent": intent}
+               "train_seconds": train_seconds, "seconds": time.time() - start}
     if is_main():
         stats.save(out_dir / "bn_stats.safetensors")
         write_json(out_dir / "squeeze.json", summary)
-    barrier()  # the run is whole before any rank goes on
+    marker.finish(summary["seconds"])  # the run is whole before any rank goes on
     return summary
+
+
+def squeeze_identity(data: ImageData, cfg: TeacherConfig, teacher_checkpoint=None) -> Identity:
+    """Squeeze's key: the data's settings (its description, where it was not loaded from settings), the
+    teacher's, and the checkpoint it starts from (its path and its content)."""
+    return Identity("squeeze", {"data": data.settings or data.describe(), "teacher": cfg, "checkpoint": teacher_checkpoint},
+                    (file_sha256(teacher_checkpoint),) if teacher_checkpoint else ())
 
 
 def load_squeezed(run_dir, device="cpu"):

@@ -16,15 +16,14 @@ from tqdm.auto import tqdm
 from .data import ImageData
 from .dynamics import Dynamics, load_scores
 from .evaluate import evaluate
-from .files import atomic_path, claim, file_sha256, read_json, remove_own, save_model, save_tensors, write_json, write_metrics
+from .files import atomic_path, claim, read_json, save_model, save_tensors, write_json, write_metrics
 from .image_store import ImageSet
 from .labels import DYNAMICS_METRICS, PRUNE_METRICS, PRUNE_POOLS, LabelStore, LabelStoreError, check_prune_ratio, coverage, select_batches
-from .layout import STUDENT_FILES
+from .layout import MARKER, STUDENT_FILES
 from .models import ARCHS, NORMS, build_model
 from .replay import StepBatches
 from .runtime import (
     LoaderWait,
-    barrier,
     gather_rows,
     is_main,
     loader_options,
@@ -36,6 +35,7 @@ from .runtime import (
 )
 from .schedules import lr_schedule
 from .settings import check_choices, non_negative, positive, require
+from .stage import Identity, Marker, input_key
 
 SCHEDULES = ("constant", "step", "cosine")
 DRAWS = ("cycle", "replacement")  # how student epochs draw from the kept pool (see batch_schedule)
@@ -76,6 +76,12 @@ class StudentConfig:
     CHOICES: ClassVar[dict] = {"arch": ARCHS, "norm": NORMS, "optimizer": ("adamw", "sgd"), "metric": PRUNE_METRICS,
                                "granularity": ("batch", "epoch"), "pool": PRUNE_POOLS, "draw": DRAWS,
                                "temperature_schedule": SCHEDULES}
+    # added after runs were made, with the value that gives the behaviour of before; left out of a stage's key while
+    # they hold it
+    ADDED: ClassVar[dict] = {"norm": "batch", "temperature_schedule": "constant", "temperature_step_epochs": 30,
+                             "temperature_gamma": 0.7, "temperature_min": 1.0, "student_temperature": None,
+                             "temperature_ratio": 1.0, "hard_epochs": 0.0, "hard_weight": 0.0, "pool": "uniform",
+                             "draw": "cycle", "warmup_epochs": 0, "decay_1d": True, "scores_from": None}
 
     def __post_init__(self):
         check_choices(self)
@@ -181,17 +187,25 @@ def train_student(run_dir, store_path, cfg: StudentConfig, out_dir, device: str 
                   keep_checkpoint: bool = False, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> dict:
     """Train a student from scratch on a label store (or online), evaluate on the real test split.
 
-    ``out_dir`` gets student.safetensors, train.json (written last: the run is finished) and
-    metrics.jsonl (one line per epoch). An interrupted run resumes from ``checkpoint.pt`` (a torch.save
+    ``out_dir`` gets student.safetensors, train.json, metrics.jsonl (one line per epoch) and its marker,
+    stage.json (finished last; its key: :func:`student_identity`). An interrupted run resumes from ``checkpoint.pt`` (a torch.save
     zip of tensors, read with weights_only=True), which is removed at the end unless ``keep_checkpoint``.
     It is written after the first epoch that ends ``checkpoint_seconds`` or more after the last one (0: every
     epoch), and after the last epoch: a ResNet-18's weights and AdamW state are about 130 MiB, too much to write
     after every short epoch on a GPU; a crash loses at most that many seconds of training.
-    A folder holding a run of other settings or inputs is refused, or cleared with ``restart``.
+    A folder holding a student of another key is refused, or cleared first with ``restart``.
     """
     with claim(out_dir, "train"):  # one writer at a time: a second one is refused, not interleaved
         return _train_student(run_dir, store_path, cfg, Path(out_dir), device, progress, data, restart,
                               keep_checkpoint, checkpoint_seconds)
+
+
+def student_identity(store_path, cfg: StudentConfig) -> Identity:
+    """A student's key: its settings and its labels' key (the store's stage, which names its images); the
+    store's manifest and the scores it prunes by are its inputs."""
+    manifest = Path(store_path) / "manifest.json"
+    scores = (Path(cfg.scores_from) / "dynamics.safetensors",) if cfg.scores_from else ()
+    return Identity("student", cfg, (input_key(manifest.parent / MARKER, manifest),), (manifest, *scores))
 
 
 def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, device, progress, data, restart,
@@ -207,13 +221,10 @@ def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, devic
     require(cfg.metric not in DYNAMICS_METRICS or cfg.scores_from is not None, "scores_from", None,
             f"a trained student's folder, whose dynamics.safetensors scores {cfg.metric} pruning")
     scores_file = Path(cfg.scores_from) / "dynamics.safetensors" if cfg.scores_from else None
-    fingerprint = json.dumps({"settings": asdict(cfg), "labels": file_sha256(store.path / "manifest.json"),
-                              "images": manifest["images_sha256"],
-                              "scores": scores_file and file_sha256(scores_file)}, sort_keys=True, default=str)
-    finished = _claim(out_dir, fingerprint, restart) if is_main() else None
-    barrier()
-    if (out_dir / "train.json").exists():  # _claim leaves it only when it holds this very run, finished
-        return finished or read_json(out_dir / "train.json")
+    ident, marker = student_identity(store.path, cfg), Marker(out_dir / MARKER)
+    if marker.claim(ident, STUDENT_FILES, restart, "a student"):
+        return read_json(out_dir / "train.json")  # this very student, finished
+    marker.start(ident)
     images = ImageSet(images_path)  # read a batch at a time
     teacher, _, _, info = load_squeezed(run_dir, dev)
     data = data or load_from_source(info["dataset"]["source"])
@@ -225,7 +236,7 @@ def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, devic
     opt = make_optimizer(student, cfg)
     sched = lr_schedule(opt, len(plan.steps), round(cfg.warmup_epochs * len(plan.steps) / plan.epochs))
     dynamics = Dynamics(len(images), early_epochs=max(1, round(0.1 * plan.epochs)), device=dev)
-    ckpt = Checkpoint(out_dir / "checkpoint.pt", fingerprint)
+    ckpt = Checkpoint(out_dir / "checkpoint.pt", ident.key)
     start_epoch, history = ckpt.resume(student, opt, sched, dynamics, out_dir / "metrics.jsonl")
     labels = LabelSource(cfg, plan.soft_epochs, teacher, store, dev)
     batches = plan.loader(images, store, manifest["settings"], cfg.seed, start_epoch, workers, dev)
@@ -258,16 +269,15 @@ def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, devic
               **coverage(store, used, len(images)),
               "stored_batches": len(store.keys()), "label_bytes": store.kept_bytes(used),
               "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_ece": metrics["ece"],
-              "seconds": time.time() - started, "device": str(dev), "workers": workers, "ranks": world_size(),
-              "fingerprint": fingerprint}
+              "seconds": time.time() - started, "device": str(dev), "workers": workers, "ranks": world_size()}
     if is_main():
         save_model(out_dir / "student.safetensors", student, spec)
         save_tensors(out_dir / "dynamics.safetensors", dynamics.scores(), {"early_epochs": dynamics.early_epochs,
                                                                              "images_sha256": manifest["images_sha256"]})
-        write_json(out_dir / "train.json", result)  # last: the student is finished
+        write_json(out_dir / "train.json", result)
         if not keep_checkpoint:
             ckpt.path.unlink()
-    barrier()
+    marker.finish(result["seconds"])  # last: the student is finished
     return result
 
 
@@ -384,45 +394,30 @@ def train_one_epoch(model, steps, n_steps: int, epoch: int, epochs: int, cfg: St
 
 class Checkpoint:
     """``checkpoint.pt``: the student, optimiser, schedule and dynamics after an epoch (a torch.save zip of
-    tensors, read with weights_only=True), with the run's fingerprint."""
+    tensors, read with weights_only=True), with the student's key (its stage marker's)."""
 
-    def __init__(self, path: Path, fingerprint: str):
-        self.path, self.fingerprint = path, fingerprint
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
 
     def save(self, student, opt, sched, epoch: int, dynamics: Dynamics) -> None:
         with atomic_path(self.path) as tmp:
             torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "epoch": epoch, "fingerprint": self.fingerprint, "dynamics": dynamics.state}, tmp)
+                        "epoch": epoch, "key": self.key, "dynamics": dynamics.state}, tmp)
 
     def resume(self, student, opt, sched, dynamics: Dynamics, metrics_file: Path) -> tuple[int, list[dict]]:
         """The first epoch to train and the metrics of those before it (0 and none without a checkpoint)."""
         if not self.path.exists():
             return 0, []
         state = _load_checkpoint(self.path, next(student.parameters()).device)
+        if state.get("key") != self.key:
+            raise ValueError(f"{self.path} is a checkpoint of another student (key {state.get('key')}, this one's "
+                             f"{self.key}); remove it, or pass --restart")
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         dynamics.state = state["dynamics"]
         start = state["epoch"] + 1
         return start, [json.loads(line) for line in metrics_file.read_text().splitlines()][:start]
-
-
-def _claim(out_dir: Path, fingerprint: str, restart: bool) -> dict | None:
-    """The finished result when ``out_dir`` holds this very run; else make sure what it holds can be resumed
-    (same fingerprint) or, with ``restart``, is removed. Anything else is refused before work starts."""
-    result_file, ckpt = out_dir / "train.json", out_dir / "checkpoint.pt"
-    if result_file.exists() and read_json(result_file).get("fingerprint") == fingerprint and not restart:
-        if ckpt.exists():
-            ckpt.unlink()  # a crash after train.json was written: the checkpoint is stale
-        return read_json(result_file)
-    held = result_file if result_file.exists() else ckpt if ckpt.exists() else None
-    if held is not None and not restart:
-        if held == ckpt and _load_checkpoint(ckpt, "cpu").get("fingerprint") == fingerprint:
-            return None  # an interrupted run of these settings: resume it
-        raise ValueError(f"{out_dir} holds a student trained with other settings or labels ({held.name}); "
-                         "choose another --out, or pass --restart to train from scratch there")
-    remove_own(out_dir, STUDENT_FILES)
-    return None
 
 
 def _load_checkpoint(path: Path, device) -> dict:

@@ -47,7 +47,7 @@ def copy_squeeze(mnist_run):
     """A function that copies the teacher run's squeeze outputs into a fresh run folder."""
     def copy(dst):
         dst.mkdir(parents=True, exist_ok=True)
-        for name in ("squeeze.json", "teacher.safetensors", "bn_stats.safetensors"):
+        for name in ("squeeze.json", "teacher.safetensors", "bn_stats.safetensors", "squeeze.stage.json"):
             shutil.copy(mnist_run / name, dst / name)
         return dst
     return copy

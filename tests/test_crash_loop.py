@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dsutil.files import read_json
 from dsutil.recover import RecoverConfig, recover
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -34,7 +35,7 @@ def test_relabel_killed_again_and_again_ends_with_the_clean_store(clean):
     killed = kill_until_done(relabel_cmd(run, root / "labels", 150), delays)
     assert killed, "no kill landed while relabel ran: make it longer"
     assert same_store(root / "clean-labels", root / "labels")
-    assert not (root / "labels" / "pending.json").exists()
+    assert read_json(root / "labels" / "stage.json")["finished"] is not None
 
 
 def test_training_killed_again_and_again_ends_with_the_clean_student(clean):

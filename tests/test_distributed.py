@@ -109,10 +109,12 @@ def test_relabel_over_two_ranks_writes_the_same_store_and_a_killed_rank_is_finis
     proc = relabel("killed", ranks=2, wait=False)
     kill_one_rank_when(proc, lambda: len(list(store.glob("epoch*.safetensors"))) >= 4)
     before = stamps(store)
-    assert (store / "pending.json").exists() and not (store / "manifest.json").exists() and len(before) < 60
-    relabel("killed", ranks=2)
+    marker = read_json(store / "stage.json")  # started, not finished
+    assert marker["finished"] is None and not (store / "manifest.json").exists() and len(before) < 60
+    out = relabel("killed", ranks=2)
+    assert out.count("label store ") == 1, out  # two ranks ran the command; rank 0 alone speaks (dsutil.runtime.log)
     after = stamps(store)
-    assert all(after[k] == v for k, v in before.items()) and not (store / "pending.json").exists()
+    assert all(after[k] == v for k, v in before.items()) and read_json(store / "stage.json")["finished"]
     want = runs["one"] / "labels" / "s"  # every epoch file made by two ranks, before or after the kill
     files = sorted(p.name for p in store.glob("epoch*.safetensors"))
     assert files == sorted(p.name for p in want.glob("epoch*.safetensors")) and len(files) == 60

@@ -47,3 +47,21 @@ def test_the_pruning_slider_shows_the_stored_results(quick_demo):
         for name, m in summary["methods"].items():
             s = next(s for s in m["students"] if s["prune_ratio"] == r)
             assert f"<td>{name}</td><td>{s['test_top1'] * 100:.1f}" in table.value
+
+
+def test_the_explorer_opens_an_imported_set_next_to_the_presets(quick_demo, tmp_path):
+    """A set made elsewhere and imported into the run (here the run's own real images, as PNGs) is one more
+    choice of the explorer, and its view shows exactly its images of the class."""
+    import shutil
+
+    from dsutil.import_set import import_images
+
+    run = tmp_path / "run"
+    shutil.copytree(quick_demo, run)
+    import_images(run, run / "recover" / "real-ipc10" / "png", "mine", device="cpu")
+    view = ClassView(run)
+    assert view.methods == ["sre2l", "lpld", "real", "mine"]
+    mine = view.compute("mine", 3)
+    real = view.compute("real", 3)
+    assert torch.equal(mine["images"], real["images"]) and torch.allclose(mine["cosine"], real["cosine"])
+    assert view.figure("mine", 3).axes  # drawn

@@ -30,3 +30,15 @@ def test_no_module_imports_itself_through_others():
         if m not in state:
             visit(m, [])
     assert {"runner", "config", "frontier", "squeeze", "recover"} <= modules and graph["frontier"] >= {"runner"}
+
+
+def test_dsutil_speaks_through_its_logger_from_rank_0_only_to_the_stdout_of_the_moment(monkeypatch, capsys):
+    from dsutil import runtime
+
+    runtime.show_log()
+    runtime.show_log()
+    assert sum(isinstance(h, runtime._Stdout) for h in runtime.log.handlers) == 1  # once per process
+    runtime.log.info("from rank 0")
+    monkeypatch.setattr(runtime, "rank", lambda: 1)  # as under torchrun, on another rank
+    runtime.log.info("from rank 1")
+    assert capsys.readouterr().out == "from rank 0\n"  # pytest's capture, made after the handler

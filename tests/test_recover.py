@@ -227,11 +227,11 @@ def test_import_of_an_image_folder_made_elsewhere(copy_squeeze, tmp_path):
     assert not (run / "recover" / "bad").exists()
 
 
-def test_settings_of_a_recover_that_made_nothing_do_not_block_the_next(copy_squeeze, tmp_path):
+def test_the_marker_of_a_recover_that_made_nothing_does_not_block_the_next(copy_squeeze, tmp_path):
     from dsutil.files import write_json
 
     run = copy_squeeze(tmp_path / "run")
-    write_json(recover_dir(run, "real", 1) / "settings.json", {"method": "real", "ipc": 1, "seed": 99})
+    write_json(recover_dir(run, "real", 1) / "stage.json", {"hash": "another key", "finished": None})
     assert recover(run, RecoverConfig(method="real", ipc=1), device="cpu", progress=False)["images"] == 10
     with pytest.raises(ValueError, match="other settings"):  # once images exist, other settings are refused
         recover(run, RecoverConfig(method="real", ipc=1, seed=5), device="cpu", progress=False)

@@ -16,7 +16,8 @@ from dsutil.labels import LabelStore, LabelStoreError, check_prune_ratio, select
 from dsutil.recover import RecoverConfig, load_images, load_squeezed, recover, recover_dir
 from dsutil.relabel import RelabelConfig, relabel
 from dsutil.replay import epoch_records, replay
-from dsutil.train import StudentConfig, batch_schedule, kd_loss, train_student
+from dsutil.stage import Marker
+from dsutil.train import StudentConfig, batch_schedule, kd_loss, student_identity, train_student
 
 IPC = 5  # real images per class: 50 images in all
 STUDENT = dict(width=32, lr=3e-3)  # a small student that learns MNIST-5k from 50 images in ~1 s
@@ -174,7 +175,7 @@ def test_student_trains_on_stored_labels_and_refuses_other_settings(run, make_st
     out = tmp_path / "student"
     result = train_student(run, store, StudentConfig(**STUDENT), out, device="cpu", progress=False)
     assert {p.name for p in out.iterdir()} == {"train.json", "student.safetensors", "metrics.jsonl",
-                                               "dynamics.safetensors"}
+                                               "dynamics.safetensors", "stage.json"}
     assert read_json(out / "train.json") == json.loads(json.dumps(result))
     assert result["epochs"] == 30 and result["kept_batches"] == result["stored_batches"] == 150
     assert result["used_batches"] == 150 and result["hard_epochs"] == 0
@@ -194,7 +195,7 @@ def test_student_trains_on_stored_labels_and_refuses_other_settings(run, make_st
     again = train_student(run, store, StudentConfig(**STUDENT), out, device="cpu", progress=False)
     assert again == result and (out / "student.safetensors").read_bytes() == before  # finished: not retrained
     for other in (dict(epochs=4), dict(temperature=2.0), dict(seed=3)):  # never resumed under other settings
-        with pytest.raises(ValueError, match="other settings or labels.*--restart"):
+        with pytest.raises(ValueError, match="holds a student made with other settings or inputs.*--restart"):
             train_student(run, store, StudentConfig(**STUDENT, **other), out, device="cpu", progress=False)
     assert (out / "student.safetensors").read_bytes() == before
     short = train_student(run, store, StudentConfig(**STUDENT, epochs=2), out, device="cpu", progress=False,
@@ -311,9 +312,9 @@ def test_label_store_of_other_images_is_refused(copy_squeeze, run, tmp_path):
     with pytest.raises(LabelStoreError, match="sha256"):
         train_student(other, store, StudentConfig(**STUDENT, epochs=1), tmp_path / "s", device="cpu",
                       progress=False)
-    with pytest.raises(ValueError, match="other images"):  # stale epoch files are not reused for new images
+    with pytest.raises(ValueError, match="other inputs: images.safetensors changed"):  # no reuse for new images
         relabel(other, recover_dir(other, "real", IPC), cfg, device="cpu", progress=False)
-    with pytest.raises(ValueError, match="other images, teacher or settings"):
+    with pytest.raises(ValueError, match="holds labels made with other settings or inputs"):
         relabel(run, recover_dir(run, "real", IPC), RelabelConfig(epochs=2, batch_size=25, seed=5), out=store,
                 device="cpu", progress=False)
 
@@ -414,8 +415,12 @@ def test_a_crafted_checkpoint_is_refused_unexecuted_with_its_name(run, make_stor
     out.mkdir()
     marker = tmp_path / "checkpoint-was-executed"
     torch.save({"model": _Marker(marker), "epoch": 0}, out / "checkpoint.pt")
+    cfg = StudentConfig(**STUDENT, epochs=1)
+    with pytest.raises(ValueError, match="holds a student made with other settings or inputs"):  # no marker: not ours
+        train_student(run, store, cfg, out, device="cpu", progress=False)
+    Marker(out / "stage.json").start(student_identity(store, cfg))  # as if an interrupted run of these settings
     with pytest.raises(ValueError, match="checkpoint.pt is not a student checkpoint") as e:
-        train_student(run, store, StudentConfig(**STUDENT, epochs=1), out, device="cpu", progress=False)
+        train_student(run, store, cfg, out, device="cpu", progress=False)
     assert "weights_only=False" not in str(e.value) and not marker.exists()
 
 
@@ -525,7 +530,7 @@ def test_a_student_records_its_dynamics_and_another_prunes_by_them(run, make_sto
 
 
 def test_an_interrupted_relabel_resumes_only_its_own_whole_files(run, make_store, tmp_path):
-    """A killed relabel leaves pending.json and some epoch files: a rerun with the same inputs keeps the whole
+    """A killed relabel leaves its started marker and some epoch files: a rerun with the same key keeps the whole
     ones, remakes a truncated or foreign one, and ends with the bytes of an uninterrupted run; a rerun with
     other settings is refused (or, with restart, starts over)."""
     cfg = RelabelConfig(epochs=6, batch_size=10)
@@ -533,24 +538,23 @@ def test_an_interrupted_relabel_resumes_only_its_own_whole_files(run, make_store
     images = recover_dir(run, "real", IPC)
     out = tmp_path / "store"
     shutil.copytree(whole, out)
-    (out / "manifest.json").unlink()  # as if killed before the end: the intent is all that was recorded
-    write_json(out / "pending.json", {"images_sha256": LabelStore(whole).manifest["images_sha256"],
-                                      "teacher_sha256": LabelStore(whole).manifest["teacher_sha256"],
-                                      "settings": json.loads(json.dumps(cfg.__dict__))})
+    (out / "manifest.json").unlink()  # as if killed before the end: the started marker is all that was recorded
+    write_json(out / "stage.json", read_json(whole / "stage.json") | {"finished": None})
     (out / "epoch00002.safetensors").write_bytes((whole / "epoch00002.safetensors").read_bytes()[:300])
     shutil.copy(whole / "epoch00004.safetensors", out / "epoch00003.safetensors")  # the wrong batches
     (out / "epoch00005.safetensors").unlink()
-    with pytest.raises(ValueError, match="other images, teacher or settings.*pending.json.*--restart"):
+    with pytest.raises(ValueError, match="holds labels made with other settings or inputs.*--restart"):
         relabel(run, images, RelabelConfig(epochs=6, batch_size=10, seed=4), out=out, device="cpu", progress=False)
     relabel(run, images, cfg, out=out, device="cpu", progress=False)
-    assert not (out / "pending.json").exists()
+    assert read_json(out / "stage.json")["finished"] is not None
     for f in sorted(whole.glob("epoch*.safetensors")):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
     assert LabelStore(out).manifest["present"] == LabelStore(whole).manifest["present"]
     other = relabel(run, images, RelabelConfig(epochs=3, batch_size=10, seed=4), out=out, device="cpu",
                     progress=False, restart=True)
     assert sorted(p.name for p in other.iterdir()) == ["epoch00000.safetensors", "epoch00001.safetensors",
-                                                       "epoch00002.safetensors", "manifest.json", "timing.json"]
+                                                       "epoch00002.safetensors", "manifest.json", "stage.json",
+                                                       "timing.json"]
 
 
 def test_tensorboard_mirrors_the_metrics_file_when_asked(run, make_store, tmp_path, monkeypatch):

@@ -107,7 +107,7 @@ def test_a_teacher_or_images_of_another_size_are_refused_before_work(copy_squeez
                     {"classes": [str(i) for i in range(10)], "mean": [0.5], "std": [0.5]})
     assert main(["relabel", "--run", str(run), "--images", str(images), "--epochs", "1", "--device", "cpu"]) == 2
     one_clean_error(capsys, "holds 1x32x32 images, the teacher")
-    assert not [p for p in (run / "labels").rglob("*") if p.is_file()]  # no pending.json
+    assert not [p for p in (run / "labels").rglob("*") if p.is_file()]  # not even a stage marker
 
 
 def test_a_student_that_diverges_is_not_saved(copy_squeeze, tmp_path, capsys):

@@ -64,12 +64,12 @@ def test_two_trainings_into_one_folder_leave_one_consistent_result(pipeline, tmp
     assert codes == [0, 2], results
     loser = next(err for code, err in results if code == 2)
     assert "Traceback" not in loser and ("being written by another dsutil process" in loser
-                                         or "holds a student trained with other settings" in loser)
+                                         or "holds a student made with other settings" in loser)
     winner_lr = (0.001, 0.002)[[code for code, _ in results].index(0)]
     result = json.loads((out / "train.json").read_text())
     assert result["settings"]["lr"] == winner_lr
-    assert sorted(p.name for p in out.iterdir()) == ["dynamics.safetensors", "metrics.jsonl", "student.safetensors",
-                                                     "train.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["dynamics.safetensors", "metrics.jsonl", "stage.json",
+                                                     "student.safetensors", "train.json"]
     before = files_of(out)  # the winner's command again: its finished student, untouched
     assert main([*stage_commands(pipeline)[-1], "--out", str(out), "--epochs", "30", "--lr", str(winner_lr)]) == 0
     assert files_of(out) == before

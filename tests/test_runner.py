@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+from dataclasses import fields, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,31 +133,66 @@ def test_tiny_imagenet_preset_runs_with_seeds(quick_tiny):
     assert "mean ± std over seeds [0, 1]" in table and table.count("±") == 3 * 2 + 1
 
 
-def test_settings_added_later_change_the_hash_only_when_set():
-    from dataclasses import asdict, replace
+def test_the_published_presets_keep_the_stage_keys_their_run_folders_hold(tmp_path):
+    """Every stage key of mnist5k and tiny-imagenet-10, computed by the stages' own identity functions over
+    markers in the format the runner wrote before (no schema), equals the key dsutil recorded before the stages
+    kept their own markers (tests/published_stage_keys.json): those run folders reuse every finished stage."""
+    from types import SimpleNamespace
 
+    from dsutil.files import write_json
+    from dsutil.layout import label_store_dir, recover_dir, student_dir
+    from dsutil.recover import recover_identity
+    from dsutil.relabel import relabel_identity
+    from dsutil.squeeze import squeeze_identity
+    from dsutil.stage import Marker
+    from dsutil.train import student_identity
+
+    def made_before(marker, key):  # the runner's marker of before: written once the stage had finished
+        write_json(marker, {"hash": key, "settings": {}, "upstream": [], "finished": 1.0, "seconds": 1.0})
+        assert Marker(marker).finished() and Marker(marker).key() == key
+
+    published = json.loads((Path(__file__).parent / "published_stage_keys.json").read_text())["keys"]
+    for preset, keys in published.items():
+        cfg, run, got = load_config(preset), tmp_path / preset, {}
+        got["squeeze"] = squeeze_identity(SimpleNamespace(settings=cfg.data), cfg.teacher, cfg.teacher_checkpoint).key
+        made_before(run / "squeeze.stage.json", keys["squeeze"])
+        for m in cfg.methods:
+            rcfg = cfg.recover_config(m)
+            rdir, store = recover_dir(run, m, rcfg.ipc), label_store_dir(run, m, rcfg.ipc)
+            got[f"recover {m}"] = recover_identity(run, rcfg).key
+            made_before(rdir / "stage.json", keys[f"recover {m}"])
+            got[f"relabel {m}"] = relabel_identity(run, rdir, cfg.relabel).key
+            made_before(store / "stage.json", keys[f"relabel {m}"])
+            for name in (k for k in keys if k.startswith(f"student {m} ")):
+                metric, ratio, seed = name.split()[2:]
+                scfg = replace(cfg.student, metric=metric, prune_ratio=float(ratio), seed=int(seed))
+                got[name] = student_identity(store, scfg).key
+                assert student_dir(run, m, rcfg.ipc, scfg).name  # a folder of its own (tests/test_layout.py)
+        assert got == keys, preset
+    assert len(published["mnist5k"]) > 10 and len(published["tiny-imagenet-10"]) > 10
+
+
+def test_a_setting_added_later_changes_a_key_only_when_set_and_only_in_its_own_class():
     from dsutil.config import DataConfig
     from dsutil.recover import RecoverConfig
     from dsutil.relabel import RelabelConfig
-    from dsutil.runner import ADDED_LATER, settings_hash
     from dsutil.squeeze import TeacherConfig
+    from dsutil.stage import Identity, identity_settings
     from dsutil.train import StudentConfig
 
-    defaults = asdict(StudentConfig()) | asdict(RelabelConfig()) | asdict(RecoverConfig()) | asdict(DataConfig()) \
-        | asdict(TeacherConfig())
-    # the behaviour the runs were made with: today's defaults, except that sets were float32 before uint8 stores
-    # and top-k stores filled with the minimum before MR-k (zero) became the default
-    assert {k: defaults[k] for k in ADDED_LATER} | {"pixels": "float32", "topk_fill": "min"} == ADDED_LATER
-    recover_before = {k: v for k, v in asdict(RecoverConfig()).items() if k != "pixels"}
-    assert settings_hash(asdict(RecoverConfig(pixels="float32")), []) == settings_hash(recover_before, [])
-    assert settings_hash(asdict(RecoverConfig()), []) != settings_hash(recover_before, [])  # uint8: recovered anew
-    data_before = {k: v for k, v in asdict(DataConfig()).items() if k != "eval_resize"}  # nested in squeeze's
-    assert settings_hash({"data": asdict(DataConfig())}, []) == settings_hash({"data": data_before}, [])
-    base = asdict(StudentConfig())
-    before = {k: v for k, v in base.items() if k not in ADDED_LATER}  # a student's settings as recorded before
-    assert settings_hash(base, ["u"]) == settings_hash(before, ["u"])
-    assert settings_hash(asdict(replace(StudentConfig(), hard_epochs=0.5)), ["u"]) != settings_hash(base, ["u"])
-    assert settings_hash(base, ["v"]) != settings_hash(base, ["u"])
+    for cls in (DataConfig, TeacherConfig, RecoverConfig, RelabelConfig, StudentConfig):
+        assert set(cls.ADDED) <= {f.name for f in fields(cls)}, cls  # every entry names a field of its own class
+    key = lambda *a: Identity("x", *a).key  # noqa: E731
+    assert "pixels" not in identity_settings(RecoverConfig(pixels="float32"))  # the behaviour of before: as before
+    assert identity_settings(RecoverConfig())["pixels"] == "uint8"  # today's default is not: such sets are made anew
+    assert key(RecoverConfig()) != key(RecoverConfig(pixels="float32"))
+    base = StudentConfig()
+    assert "hard_epochs" not in identity_settings(base) and key(replace(base, hard_epochs=0.5)) != key(base)
+    assert key(base, ("u",)) != key(base, ("v",))
+    # an entry of one class does not drop a field of that name in another: relabel's prune_pool is in its key
+    assert identity_settings({"a": StudentConfig(), "b": RelabelConfig(prune_pool="first")})["b"]["prune_pool"] == "first"
+    assert "topk_fill" not in identity_settings(RelabelConfig()) and "iterations" in identity_settings(RecoverConfig())
+    assert identity_settings(RecoverConfig(method="real"))["iterations"] == 0  # real images are never iterated
 
 
 def test_run_on_an_image_folder_streams_every_analysis_and_fills_the_summary(tmp_path):
@@ -207,3 +244,20 @@ device: cpu
     want = float(torch.stack([v.mean() for v in per_class.values()]).mean())
     assert abs(summary["real_within_class_cosine"] - want) < 1e-6
     assert "cosine" in summary_table(summary)
+
+
+@pytest.mark.slow  # the session's quick demo run
+def test_dynamics_pruning_works_when_the_preset_draws_with_replacement(quick_demo, tmp_path):
+    """The paper's presets draw student batches with replacement (the official code), so a short full-label
+    student, whose training dynamics score the pruning rules, leaves some images unscored: a batch's score is the
+    mean over its images that were scored (found by the full-size notebook run, whose students train 1 epoch)."""
+    from dsutil.runner import ensure_student
+
+    out = tmp_path / "demo"
+    shutil.copytree(quick_demo, out)
+    cfg = load_config("mnist5k", quick=True)
+    scfg = replace(cfg.student, epochs=1, draw="replacement", metric="el2n-high", prune_ratio=0.5)
+    result = ensure_student(out, "lpld", scfg, 10, device="cpu", progress=False)
+    reference = json.loads((Path(result["settings"]["scores_from"]) / "train.json").read_text())
+    assert reference["settings"]["draw"] == "replacement" and reference["settings"]["prune_ratio"] == 0.0
+    assert result["kept_batches"] == reference["kept_batches"] // 2 and 0 <= result["test_top1"] <= 1

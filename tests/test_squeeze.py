@@ -108,14 +108,14 @@ def test_squeeze_onto_a_finished_run_is_refused_or_replaces_everything_made_from
     recover(run, RecoverConfig(method="real", ipc=1), device="cpu", progress=False)
     teacher = (run / "teacher.safetensors").read_bytes()
     cfg = TeacherConfig(width=8, depth=1, epochs=1)
-    with pytest.raises(ValueError, match="already holds a squeezed run.*--restart"):
+    with pytest.raises(ValueError, match="holds a teacher and what was made from it.*--restart"):
         squeeze(mnist, run, cfg, device="cpu", progress=False)
     assert (run / "teacher.safetensors").read_bytes() == teacher and (run / "recover").exists()
     squeeze(mnist, run, cfg, device="cpu", progress=False, restart=True)
     assert (run / "teacher.safetensors").read_bytes() != teacher
     assert not (run / "recover").exists()  # images of the old teacher are gone with it
-    assert sorted(p.name for p in run.iterdir()) == ["bn_stats.safetensors", "squeeze.json", "teacher.safetensors",
-                                                     "teacher_metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["bn_stats.safetensors", "squeeze.json", "squeeze.stage.json",
+                                                     "teacher.safetensors", "teacher_metrics.jsonl"]
     lines = [json.loads(line) for line in (run / "teacher_metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [0] and 0 <= lines[0]["train_top1"] <= 1 and lines[0]["loss"] > 0
 

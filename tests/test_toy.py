@@ -1,5 +1,5 @@
-"""The 2-D toy of notebook 05 (dsutil.toy) and its slider view: the mechanism it teaches holds, and each slider
-redraws."""
+"""Notebook 05's views: the 2-D toy (dsutil.toy) and its sliders, where the mechanism it teaches holds and each
+slider redraws; the small recover on the real teacher, made when its button is pressed."""
 import torch
 
 from dsutil import toy
@@ -40,3 +40,28 @@ def test_the_toy_view_redraws_on_each_slider():
         slider.value = value
         seen.add(text.value)
     assert len(seen) == 4, seen
+
+
+def test_the_small_recover_view_recovers_both_groupings_when_pressed_with_the_sliders_values(mnist_run, mnist):
+    from dsutil.analysis import within_class_cosine
+    from dsutil.config import load_config
+    from dsutil.explore import recover_view
+    from dsutil.models import penultimate_features
+    from dsutil.recover import load_squeezed, recover_in_memory
+
+    teacher, _, stats, _ = load_squeezed(mnist_run)
+    cfg = load_config("mnist5k", quick=True)
+    box = recover_view(teacher, stats, cfg, mnist, ipc=2, iterations=3, shown=[0, 1])
+    (r_bn, steps, seed, button), text, _ = box.children[0].children, box.children[1], box.children[2]
+    assert text.value == "press the button to recover"  # nothing is computed before it is asked for
+    r_bn.value, steps.value, seed.value = 0.0, 2, 4
+    button.click()
+    rcfg = cfg.recover_config("lpld")
+    x, y = recover_in_memory(teacher, stats, type(rcfg)(**{**rcfg.__dict__, "ipc": 2, "iterations": 2, "r_bn": 0.0,
+                                                           "seed": 4}), 10, mnist.shape, mnist.pixel_range(), torch.device("cpu"))
+    assert text.value.startswith("r_bn 0.0, 2 iterations, seed 4")
+    assert f"LPLD {within_class_cosine(penultimate_features(teacher, x), y):.3f}" in text.value
+    first = text.value
+    r_bn.value = 1.0
+    button.click()
+    assert text.value != first and text.value.startswith("r_bn 1.0")
