@@ -68,7 +68,7 @@ def main() -> None:
     command = (["run", args.preset] if args.preset else ["demo"]) + (["--quick"] if args.quick else [])
     codes = {"a": ROOT, "b": ROOT}
     if args.against:
-        codes["a"] = root / "code"
+        codes["a"] = ROOT.parent / f"dsutil-{args.against}"  # beside this checkout: ../shared is found alike
         if not codes["a"].exists():
             subprocess.run(["git", "worktree", "add", "--detach", str(codes["a"]), args.against], cwd=ROOT, check=True)
     prints = [[line for line in dsutil_command(codes[name], [*command, "--out", str(root / name)])

@@ -251,7 +251,7 @@ def ensure_student(run_dir, method: str, scfg, ipc: int, device: str = "auto", d
     training dynamics first ensures the full-label student of the same settings and takes its scores."""
     run_dir, stages = Path(run_dir), stages or Stages(progress)
     if scfg.metric in DYNAMICS_METRICS and scfg.scores_from is None:
-        full = replace(scfg, prune_ratio=0.0, metric="random")
+        full = replace(scfg, prune_ratio=0.0, metric="random", draw="cycle")  # every stored batch in turn
         reference = ensure_student(run_dir, method, full, ipc, device, data, progress, stages, store)
         if not (Path(reference["dir"]) / "dynamics.safetensors").exists():  # trained before students kept them
             if is_main():
