@@ -19,11 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-import nbclient
 import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rehearsal import tree_pss_mib  # noqa: E402
+
+from dsutil.notebook import headless  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FRONTIER = {"methods": ["lpld"], "curve_ratios": [0.0], "prune_ratios": [0.975], "topk": [None, 2], "topk_fill": "mass",
@@ -36,8 +37,7 @@ def run_notebook(path: Path, run: Path, preset: Path, quick: bool) -> dict:
     nb.cells.append(nbformat.v4.new_code_cell(PEAK_CELL))
     os.environ.update({"DSUTIL_PRESET": str(preset), "DSUTIL_RUN": str(run), "DSUTIL_COMPUTE": "1",
                        "DSUTIL_QUICK": "1" if quick else "0", "DSUTIL_FIGURES": str(run / "figures-notebooks")})
-    client = nbclient.NotebookClient(nb, timeout=-1, kernel_name="python3",
-                                     resources={"metadata": {"path": str(ROOT / "notebooks")}})
+    client = headless(nb, ROOT / "notebooks", timeout=None)
     peak, start = [0.0], time.time()
     with client.setup_kernel():
         pid = client.km.provisioner.process.pid  # the kernel process

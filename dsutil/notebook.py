@@ -86,3 +86,35 @@ def start(preset: str, quick: bool = False, compute: bool = False) -> Notebook:
     run_dir = Path(os.environ.get("DSUTIL_RUN") or f"../runs/{preset}" + ("-quick" if quick else ""))
     figures = Path(os.environ.get("DSUTIL_FIGURES") or run_dir / "figures")
     return Notebook(preset, quick, compute, load_config(preset, quick=quick), run_dir, figures)
+
+
+def headless(nb, cwd, timeout: int | None = 600):
+    """An nbclient runner of the notebook ``nb`` in ``cwd`` (its cells time out after ``timeout`` s), whose
+    kernel's replies are polled every second: after a cell that shows ipywidgets, a reply can sit unread behind one
+    long wait (jupyter/nbclient#312) and the run hang with its kernel idle. The tests and benchmarks run so."""
+    from queue import Empty
+    from time import monotonic
+
+    import nbclient
+    from jupyter_core.utils import run_sync
+
+    class PollingClient(nbclient.NotebookClient):
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            wait = kc.shell_channel.get_msg
+
+            async def get_msg(timeout=None):
+                end = None if timeout is None else monotonic() + timeout
+                while True:
+                    try:
+                        return await wait(timeout=1.0 if end is None else max(0.0, min(1.0, end - monotonic())))
+                    except Empty:
+                        if end is not None and monotonic() >= end:
+                            raise
+
+            kc.shell_channel.get_msg = get_msg
+            return kc
+
+        start_new_kernel_client = run_sync(async_start_new_kernel_client)
+
+    return PollingClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})

@@ -112,8 +112,10 @@ class Marker:
         if self.held_by_other(ident, own):
             raise ValueError(f"{self.path.parent} holds {what} made with other settings or inputs"
                              f"{'' if rec else ' (or by an older dsutil, without a stage.json)'}{again}")
-        recorded = (rec or {}).get("inputs") or {}  # none in a marker of before: nothing to check
-        changed = [n for n, h in ident.input_hashes().items() if n in recorded and recorded[n] != h]
+        # the input files an unfinished or finished run of this key read (none in a marker of before, and none to
+        # compare for another key's marker that made nothing: a fresh start)
+        recorded = (rec.get("inputs") or {}) if rec and rec.get("hash") == ident.key else {}
+        changed = [n for n, h in ident.input_hashes().items() if n in recorded and recorded[n] != h] if recorded else []
         if changed:
             raise ValueError(f"{self.path.parent} holds {what} made from other inputs: {', '.join(changed)} "
                              f"changed since{again}")

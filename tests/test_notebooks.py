@@ -13,6 +13,7 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
+from dsutil.notebook import headless  # noqa: E402
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
@@ -68,9 +69,7 @@ def test_the_quickstart_runs_on_grey_digits(quick_env):
     # first, record which interpreter the kernel is: it must be this environment's
     nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
     before = {p: p.stat().st_mtime_ns for p in (quick_env / "figures").glob("*.png")}
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
-    client.execute()  # raises CellExecutionError if a cell fails
+    headless(nb, NOTEBOOKS_DIR).execute()  # raises CellExecutionError if a cell fails
     exe = nb.cells[0].outputs[0]["text"].strip()
     assert os.path.abspath(exe) == os.path.abspath(sys.executable), f"kernel ran {exe}, not {sys.executable}"
     saved = {p: p.stat().st_mtime_ns for p in (quick_env / "figures").glob("*.png")}

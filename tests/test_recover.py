@@ -231,7 +231,8 @@ def test_the_marker_of_a_recover_that_made_nothing_does_not_block_the_next(copy_
     from dsutil.files import write_json
 
     run = copy_squeeze(tmp_path / "run")
-    write_json(recover_dir(run, "real", 1) / "stage.json", {"hash": "another key", "finished": None})
+    write_json(recover_dir(run, "real", 1) / "stage.json",  # another key's start, with input hashes of its own
+               {"hash": "another key", "finished": None, "inputs": {"teacher.safetensors": "0" * 64}})
     assert recover(run, RecoverConfig(method="real", ipc=1), device="cpu", progress=False)["images"] == 10
     with pytest.raises(ValueError, match="other settings"):  # once images exist, other settings are refused
         recover(run, RecoverConfig(method="real", ipc=1, seed=5), device="cpu", progress=False)
