@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -295,6 +295,7 @@ def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: s
     Returns the summary once every class is done; a finished folder of the same key (:func:`recover_identity`)
     is returned as it is; one made for another key is refused, or removed first with ``restart``.
     """
+    cfg = replace(cfg, iterations=0) if cfg.method == REAL else cfg  # picked, never iterated: recorded so
     dev = resolve_device(device)
     teacher, spec, stats, info = load_squeezed(run_dir, dev)
     if cfg.channels_last:
