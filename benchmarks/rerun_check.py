@@ -9,7 +9,7 @@ reuse every stage it finished.
     .venv/bin/python benchmarks/rerun_check.py [--quick] [--keep DIR]   # full demo: about 2 x 7 minutes here
     .venv/bin/python benchmarks/rerun_check.py --against d39a235        # the code of d39a235 against this one
 
-Writes benchmarks/rerun_check[_quick][_against].json (which files differ, if any) and prints the demo's table.
+Writes benchmarks/rerun_check[_PRESET][_quick][_against_COMMIT].json (which files differ, if any) and prints the demo's table.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def main() -> None:
                                               if "stages ran" in line)
         subprocess.run(["git", "worktree", "remove", "--force", str(codes["a"])], cwd=ROOT, check=True)
     name = "rerun_check" + ("_" + args.preset if args.preset else "") + ("_quick" if args.quick else "") + \
-        ("_against" if args.against else "")
+        (f"_against_{args.against}" if args.against else "")
     (ROOT / "benchmarks" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print("\n".join(prints[0]))
     print(f"{len(a)} files; {len(differ)} differ" + (f": {differ[:10]}" if differ else " (the same bytes)"))
