@@ -51,7 +51,8 @@ def test_lpld_images_are_more_diverse_than_sre2l(copy_squeeze, tmp_path):
     cos = {}
     for method in ("sre2l", "lpld"):
         summary = recover(run, RecoverConfig(method=method, ipc=10, iterations=150, r_bn=0.1), device="cpu", progress=False)
-        assert summary["teacher_top1_on_images"] >= 0.9  # 0.94-1.0 at 150 iterations, with one thread or two
+        # 0.90-1.0 at 150 iterations, with one thread or two (90 of 100 on an AVX-512 EPYC: 0.9 as a float32)
+        assert round(summary["teacher_top1_on_images"] * 100) >= 90
         x, y, meta = load_images(recover_dir(run, method, 10))
         assert x.shape == (100, 1, 28, 28) and meta["classes"] == [str(c) for c in range(10)]
         cos[method] = within_class_cosine(penultimate_features(teacher, x), y)
