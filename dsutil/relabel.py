@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .files import claim, file_sha256, write_json
+from .files import claim, write_json
 from .image_store import ImageSet
 from .labels import DTYPES, FORMAT_VERSION, PRUNE_POOLS, TOPK_FILLS, BatchRecord, check_prune_ratio, pool_order, write_epoch
 from .layout import MARKER, STORE_FILES, TIMING, relabel_store_dir
@@ -129,9 +129,9 @@ def _relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path, device, progres
     barrier()  # every rank's epoch files are written
     present = {e: b for e, b in present.items() if b}
     manifest = {"format_version": FORMAT_VERSION, "classes": images.classes, "teacher": spec,
-                "teacher_sha256": file_sha256(Path(run_dir) / "teacher.safetensors"),
+                "teacher_sha256": ident.input_hashes["teacher.safetensors"],
                 "images": _relative_to(images.path, run_dir),
-                "images_sha256": file_sha256(images.path),
+                "images_sha256": ident.input_hashes["images.safetensors"],
                 "num_images": n, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                 "batches_per_epoch": per_epoch, "dtype": cfg.dtype, "topk": cfg.topk, "topk_fill": cfg.topk_fill,
                 "augmentation": {"crop_scale": cfg.crop_scale, "flip": cfg.flip, "mix": cfg.mix,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, fields, is_dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .files import file_sha256, read_json, remove_own, write_json
@@ -48,7 +49,9 @@ class Identity:
     upstream: tuple[str, ...] = ()
     inputs: tuple[Path, ...] = ()
 
+    @cached_property
     def input_hashes(self) -> dict[str, str]:
+        """Read once per identity: a claim, its start and a store's manifest share them (an image set can be GBs)."""
         return {Path(p).name: file_sha256(p) for p in self.inputs}
 
     @property
@@ -115,7 +118,7 @@ class Marker:
         # the input files an unfinished or finished run of this key read (none in a marker of before, and none to
         # compare for another key's marker that made nothing: a fresh start)
         recorded = (rec.get("inputs") or {}) if rec and rec.get("hash") == ident.key else {}
-        changed = [n for n, h in ident.input_hashes().items() if n in recorded and recorded[n] != h] if recorded else []
+        changed = [n for n, h in ident.input_hashes.items() if n in recorded and recorded[n] != h] if recorded else []
         if changed:
             raise ValueError(f"{self.path.parent} holds {what} made from other inputs: {', '.join(changed)} "
                              f"changed since{again}")
@@ -127,7 +130,7 @@ class Marker:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.path, {"schema": SCHEMA, "stage": ident.stage, "hash": ident.key,
                                    "settings": identity_settings(ident.settings), "upstream": list(ident.upstream),
-                                   "inputs": ident.input_hashes(),
+                                   "inputs": ident.input_hashes,
                                    "started": time.time(), "finished": None, "seconds": None})
         barrier()
 
