@@ -148,14 +148,14 @@ def compare_grid(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: li
     theme()
     fig = plt.figure(figsize=(len(sets) * per_class * 0.75 + 0.5, len(shown) * 0.8 + 0.8))
     subs = fig.subfigures(1, len(sets), wspace=0.02)
-    for sub, (name, (x, y)) in zip(subs if len(sets) > 1 else [subs], sets.items()):
+    for i, (sub, (name, (x, y))) in enumerate(zip(subs if len(sets) > 1 else [subs], sets.items())):
         axes = sub.subplots(len(shown), per_class, squeeze=False)
         for r, c in enumerate(shown):
             imgs = x[y == c][:per_class]
             for k in range(per_class):
                 ax = axes[r][k]
                 ax.axis("off") if k >= len(imgs) else _show(ax, imgs[k])
-                if k == 0:
+                if k == 0 and i == 0:  # a row is one class in every block: named once, left of them all
                     ax.set_ylabel(f"class {classes[c]}", fontsize=8)
         sub.suptitle(_name(name), color=METHOD_COLORS.get(name, "k"), fontsize=11)
     if title:
