@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -77,6 +77,8 @@ class RecoverConfig:
         require(self.ipc > 0, "ipc", self.ipc, "a positive number of images per class")
         require(self.iterations > 0 or self.method == REAL, "iterations", self.iterations,
                 "a positive number (real images need none)")
+        if self.method == REAL:
+            self.iterations = 0  # real images are picked, never iterated: so recorded and keyed
         self.crop_scale = tuple(self.crop_scale)
         check_crop_scale(self.crop_scale)
         for name in ("lr", "chunk_classes", "batch_images"):
@@ -85,10 +87,6 @@ class RecoverConfig:
             non_negative(name, getattr(self, name))
         require(self.image_format == "lossless" or self.pixels == "uint8", "image_format", self.image_format,
                 "lossless, unless pixels is uint8 (a JPEG holds uint8 pixels)")
-
-    def identity(self) -> dict:
-        """The settings as they bear on the set: real images are picked, never iterated."""
-        return asdict(self) | ({"iterations": 0} if self.method == REAL else {})
 
 
 @dataclass
@@ -295,7 +293,6 @@ def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: s
     Returns the summary once every class is done; a finished folder of the same key (:func:`recover_identity`)
     is returned as it is; one made for another key is refused, or removed first with ``restart``.
     """
-    cfg = replace(cfg, iterations=0) if cfg.method == REAL else cfg  # picked, never iterated: recorded so
     dev = resolve_device(device)
     teacher, spec, stats, info = load_squeezed(run_dir, dev)
     if cfg.channels_last:

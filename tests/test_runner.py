@@ -193,6 +193,8 @@ def test_a_setting_added_later_changes_a_key_only_when_set_and_only_in_its_own_c
     assert identity_settings({"a": StudentConfig(), "b": RelabelConfig(prune_pool="first")})["b"]["prune_pool"] == "first"
     assert "topk_fill" not in identity_settings(RelabelConfig()) and "iterations" in identity_settings(RecoverConfig())
     assert identity_settings(RecoverConfig(method="real"))["iterations"] == 0  # real images are never iterated
+    assert RecoverConfig(method="real", iterations=300).iterations == 0  # and their recover.json records so
+    assert key(RecoverConfig(method="real", iterations=300)) == key(RecoverConfig(method="real"))
 
 
 def test_run_on_an_image_folder_streams_every_analysis_and_fills_the_summary(tmp_path):
