@@ -85,7 +85,7 @@ def cmd_train(args) -> None:
 def cmd_import(args) -> None:
     from .import_set import import_images
 
-    out = import_images(args.run, args.images, args.name, device=args.device)
+    out = import_images(args.run, args.images, args.name, device=args.device, restart=args.restart)
     log.info(f"imported {args.images} -> {out} (relabel it with: dsutil relabel --run {args.run} --images {out})")
 
 
@@ -191,6 +191,7 @@ def _add_stage_commands(sub) -> None:
     _run_flag(p)
     p.add_argument("--images", required=True, type=Path, help="one folder per class, named as the run's classes")
     p.add_argument("--name", required=True, help="the folder under RUN/recover/")
+    _restart_flag(p, "the import")
     _device_flag(p)
     p.set_defaults(func=cmd_import)
 

@@ -128,6 +128,14 @@ class ExperimentConfig:
                 self.cosine_per_class, "2 or more images per class (or null: all of them)")
         require(self.teacher.epochs > 0 or self.teacher.pretrained or self.teacher_checkpoint is not None,
                 "teacher.epochs", self.teacher.epochs, "1 or more, unless teacher.pretrained or teacher_checkpoint")
+        # the runner sets these per student: a value given here would be recorded and never used
+        require(self.student.prune_ratio == 0.0, "student.prune_ratio", self.student.prune_ratio,
+                f"0: the run trains a student at each of prune_ratios ({self.prune_ratios}); set prune_ratios instead")
+        require(self.student.metric == "random", "student.metric", self.student.metric,
+                f"random: the run trains a student by each of prune_metrics ({self.prune_metrics}); set prune_metrics "
+                "instead")
+        require(self.seeds is None or self.student.seed == 0, "student.seed", self.student.seed,
+                f"0 where seeds is set: the run trains a student per seed of seeds ({self.seeds}); set seeds instead")
 
     def student_seeds(self) -> list[int]:
         seeds = [self.student.seed] if self.seeds is None else list(self.seeds)
@@ -193,8 +201,16 @@ def load_config(path_or_name: str | Path, overrides: dict | None = None, quick: 
             node = node[k]
             require(isinstance(node, dict), f"{path}: {dotted}", value,
                     f"a key under a section; {'.'.join(parents[:i + 1])} is a value, not a section")
-        node[leaf] = value
+        node[leaf] = merged(node.get(leaf), value)
     return from_dict(d, str(path))
+
+
+def merged(base, value):
+    """``value`` over ``base``: a mapping given for a mapping (``--set 'relabel={epochs: 2}'``) changes only the
+    keys it names, at every depth; anything else replaces what was there."""
+    if isinstance(base, dict) and isinstance(value, dict):
+        return base | {k: merged(base.get(k), v) for k, v in value.items()}
+    return value
 
 
 MAX_ALIASES = 100  # a preset needs few YAML aliases; thousands are a "billion laughs" that fills the memory

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,10 @@ def atomic_path(path: str | os.PathLike):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make 0600; results are ordinary files
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, say: one message naming the file meant, not the temporary one
+        if e.filename in (None, tmp) and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -125,7 +130,14 @@ def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None =
     """
     meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
+            if type(e).__name__ != "SafetensorError":
+                raise
+            code = re.search(r"os error (\d+)", str(e))
+            errno = int(code.group(1)) if code else 5  # EIO
+            raise OSError(errno, f"{os.strerror(errno)} (while writing tensors)", str(path)) from None
 
 
 def load_tensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
@@ -186,26 +198,58 @@ LOCK = ".dsutil.lock"  # in a folder one dsutil process is writing: its pid, hos
 _held: set[Path] = set()  # the folders this process holds
 
 
+def _holder(lock: Path) -> dict:
+    """What a lock file says of its writer; {} when it is being written this instant, damaged, or holds
+    anything but the object dsutil writes (a live writer until shown otherwise)."""
+    try:
+        holder = json.loads(lock.read_text() or "{}")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
 def _holder_gone(holder: dict) -> bool:
-    """A lock's writer is known to be gone only on this host, by its pid."""
+    """A lock's writer is known to be gone only on this host, by its pid (a pid no process can have is gone)."""
     import socket
 
     if holder.get("host") != socket.gethostname():
         return False
+    pid = holder.get("pid")
+    if type(pid) is not int:
+        return False
+    if not 0 < pid < 2**22:  # above Linux's pid_max: no process has it
+        return True
     try:
-        os.kill(int(holder["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except (PermissionError, ValueError, KeyError, TypeError):
+    except (PermissionError, OverflowError):
         return False
     return False
+
+
+def _refusal(folder: Path, lock: Path, holder: dict, what: str) -> ValueError:
+    return ValueError(f"{folder} is being written by another dsutil process ({what}: pid {holder.get('pid', '?')} on "
+                      f"{holder.get('host', '?')}, lock {lock}); wait for it to finish, or remove the lock file if that "
+                      "process is gone")
+
+
+def _check_enclosing(folder: Path, what: str) -> None:
+    """A folder inside one another live process holds (a run being written by ``dsutil run``) is refused too."""
+    for d in folder.resolve().parents:
+        lock = d / LOCK
+        if d not in _held and lock.exists():
+            holder = _holder(lock)
+            if not (holder and _holder_gone(holder)):
+                raise _refusal(d, lock, holder, what)
 
 
 @contextmanager
 def claim(folder, what: str):
     """Hold ``folder`` for one writer: an exclusive lock file made atomically (``O_EXCL``), removed on exit.
-    A second writer is refused at once, saying who holds it; a lock whose process is gone (same host, pid not
-    running) is stale and taken over. Under torchrun only rank 0 calls this."""
+    A second writer is refused at once, saying who holds it, and so is a writer of a folder inside one that
+    another process holds; a lock whose process is gone (same host, pid not running) is stale and taken over.
+    Under torchrun only rank 0 calls this."""
     import socket
     import sys
 
@@ -215,6 +259,7 @@ def claim(folder, what: str):
     if not is_main() or folder.resolve() in _held:  # the other ranks; a stage inside a run this process holds
         yield
         return
+    _check_enclosing(folder, what)
     created = [d for d in (folder, *folder.parents) if not d.exists()]  # made here, removed again if left empty
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK
@@ -223,16 +268,11 @@ def claim(folder, what: str):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text() or "{}")
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-                holder = {}  # being written this instant, or damaged: a live writer until shown otherwise
+            holder = _holder(lock)
             if holder and _holder_gone(holder):
                 lock.unlink(missing_ok=True)
                 continue
-            raise ValueError(f"{folder} is being written by another dsutil process ({what}: pid "
-                             f"{holder.get('pid', '?')} on {holder.get('host', '?')}, lock {lock}); wait for it to "
-                             "finish, or remove the lock file if that process is gone") from None
+            raise _refusal(folder, lock, holder, what) from None
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(me))
         break

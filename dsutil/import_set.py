@@ -18,6 +18,8 @@ import torch
 from .data import DatasetError, class_files, decode_image
 from .files import claim, read_json, write_json
 from .image_store import READ_BATCH, ImageSet, write_image_set
+from .layout import MARKER, RECOVER_FILES, RECOVER_OUTPUTS, SQUEEZE_MARKER
+from .stage import Identity, Marker, StageMismatch, input_key
 
 OFFICIAL_FOLDER = re.compile(r"new(\d+)")  # the official recover code's class folders: new000, new001, ...
 
@@ -52,10 +54,12 @@ def class_folders(folder: Path, classes: list[str]) -> list[Path]:
     return [folder / c for c in classes]
 
 
-def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
+def import_images(run_dir, folder, name: str, device: str = "auto", restart: bool = False) -> Path:
     """Write ``RUN/recover/NAME`` (images.safetensors, png/, recover.json) from the ImageFolder ``folder``;
     images are converted to the teacher's channels and resized to its input size, and streamed: a set of
-    any size is imported in the memory of a few hundred images."""
+    any size is imported in the memory of a few hundred images. Like a stage it keeps a marker (stage.json,
+    key: the source folder and the run's teacher): a finished import of the same source is returned as it is, a
+    killed one is made again from the start, and an earlier import nothing was built on is replaced."""
     from .runtime import resolve_device
     from .squeeze import load_squeezed
 
@@ -72,19 +76,38 @@ def import_images(run_dir, folder, name: str, device: str = "auto") -> Path:
         files += found
         labels += [c] * len(found)
     out = run_dir / "recover" / name
-    check_replaceable(run_dir, out)
+    teacher_file = run_dir / "teacher.safetensors"
+    ident = Identity("import", {"source": str(folder.resolve())},
+                     (input_key(run_dir / SQUEEZE_MARKER, teacher_file),), (teacher_file,))
     with claim(out, "import"):
+        check_replaceable(run_dir, out)
+        marker, start = Marker(out / MARKER), time.time()
+        try:
+            if marker.claim(ident, RECOVER_FILES, restart, "an imported set"):
+                return out  # this very import, finished
+        except StageMismatch as e:
+            if not e.redo:
+                raise
+        marker.clear(RECOVER_FILES)  # an earlier import, or one killed part-way: written again in one pass
+        marker.start(ident)
         _write_import(run_dir, out, folder, files, labels, classes, spec, info, teacher, dev)
+        marker.finish(time.time() - start, RECOVER_OUTPUTS)
     return out
+
+
+def imported(out: Path) -> bool:
+    """The folder holds an import (finished, or killed before its recover.json), not a recovered set."""
+    info, rec = out / "recover.json", Marker(out / MARKER).read()
+    return (rec or {}).get("stage") == "import" or (info.exists() and read_json(info).get("method") == "import")
 
 
 def check_replaceable(run_dir: Path, out: Path) -> None:
     """An import may replace only an earlier import that nothing was built on: a recovered set, or one that
     label stores were made from, is refused, naming what would be lost."""
-    if not (out / "images.safetensors").exists():
+    if not (out / "images.safetensors").exists() and not (out / "units").exists():
         return
-    made = (read_json(out / "recover.json").get("method") if (out / "recover.json").exists() else None)
-    if made != "import":
+    if not imported(out):
+        made = read_json(out / "recover.json").get("method") if (out / "recover.json").exists() else None
         raise ValueError(f"{out} holds a set made by recover ({made or 'unfinished'}); import under another --name")
     images = (out / "images.safetensors").resolve()
     built = sorted(str(m.parent) for pattern in ("labels/*/manifest.json",)
@@ -139,15 +162,21 @@ def import_teacher(state_dict_path, out, arch: str, num_classes: int, image_size
     from .data import NORMALIZATIONS
     from .files import save_tensors
     from .models import build_model
+    from .settings import positive
 
-    path = Path(state_dict_path)
+    path, out = Path(state_dict_path), Path(out)
     if normalize is not None and normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r}: expected one of {', '.join(NORMALIZATIONS)}")
+    for name, value in (("num_classes", num_classes), ("image_size", image_size), ("in_channels", in_channels)):
+        positive(name, value)
+    check_not_a_run_teacher(out)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # anything but tensors and plain containers is refused, never run
-        raise ValueError(f"{path} is not a torch state dict that loads with weights_only=True ({e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a torch state dict of tensors and plain containers, so it is not read "
+                         f"(dsutil loads only what cannot run code): {first}") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -156,6 +185,10 @@ def import_teacher(state_dict_path, out, arch: str, num_classes: int, image_size
     state = {k.removeprefix("module."): v for k, v in state.items()}
     spec = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
             "width": 64, "depth": 3}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:3])}); a teacher "
+                         "needs finite weights (was it saved after its training diverged?)")
     model = build_model(**spec)
     try:
         model.load_state_dict(state, strict=True)
@@ -164,3 +197,15 @@ def import_teacher(state_dict_path, out, arch: str, num_classes: int, image_size
                          f"{str(e).splitlines()[0]} {str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else ''}") from None
     save_tensors(out, model.state_dict(), {"model": spec, "normalize": normalize, "source": str(path.resolve())})
     return spec
+
+
+def check_not_a_run_teacher(out: Path) -> None:
+    """``import-teacher`` writes a new file: never over a run's teacher, which sets, stores and students were made
+    from, nor over any other file."""
+    if (out.parent / SQUEEZE_MARKER).exists() and out.name == "teacher.safetensors":
+        made = sorted(str(p.parent.relative_to(out.parent)) for p in out.parent.glob("*/*/stage.json"))
+        raise ValueError(f"{out} is the teacher of the run {out.parent}" + (f", which {len(made)} stages were made "
+                         f"from ({', '.join(made[:3])}{' ...' if len(made) > 3 else ''})" if made else "") +
+                         "; write the imported teacher elsewhere and start a run from it with --teacher-checkpoint")
+    if out.exists():
+        raise ValueError(f"{out} exists; import-teacher writes a new file: choose another --out, or remove it first")

@@ -229,8 +229,9 @@ class LabelStore:
             shapes |= {"boxes": [n, 4], "flips": [n], "mix_perm": [n]}
             for name, shape in shapes.items():
                 if name not in handle.keys() or handle.get_slice(name).get_shape() != shape:
-                    raise LabelStoreError(f"{self.epoch_path(e)} has no {name} of shape {shape}, as the manifest "
-                                          f"(topk={self.topk}, {self.num_classes} classes) says it should")
+                    raise LabelStoreError(f"{self.epoch_path(e)} has no {name} of shape {shape}, as "
+                                          f"{self.path / 'manifest.json'} (topk={self.topk}, {self.num_classes} classes) says "
+                                          "it should")
 
     def _open(self, epoch: int):
         if epoch not in self._handles:

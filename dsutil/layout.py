@@ -16,13 +16,23 @@ RECOVER_FILES = ("recover.json", "images.safetensors", "units/*.safetensors", "p
 TIMING = "timing.json"  # how long a relabel took: kept out of the manifest, which a student's key reads
 STORE_FILES = ("manifest.json", TIMING, "epoch*.safetensors", OLDER[1])  # a label store
 STUDENT_FILES = ("train.json", "student.safetensors", "metrics.jsonl", "dynamics.safetensors", "checkpoint.pt")
+# what a finished stage's marker records and a reuse checks: the files later stages read (not the PNG copies of a set,
+# nor a student's checkpoint, which it removes)
+SQUEEZE_OUTPUTS = SQUEEZE_FILES
+RECOVER_OUTPUTS = ("recover.json", "images.safetensors")
+STORE_OUTPUTS = ("manifest.json", "epoch*.safetensors")
+STUDENT_OUTPUTS = ("train.json", "student.safetensors", "metrics.jsonl", "dynamics.safetensors")
+
+
+DEMO_FIGURES = ("within_class_cosine.png", "accuracy_vs_pruning.png", "accuracy_vs_label_storage.png", "images_*.png")
+# the run's figures (dsutil.plots.demo_figures); a notebook's own are named <preset>_<figure>.png and left alone
 
 
 def made_from_teacher() -> tuple[str, ...]:
     """Every file a run holds that came from its teacher, as glob patterns under the run: what squeeze's
     ``restart`` removes with the teacher (and nothing else)."""
     return (*SQUEEZE_FILES, "summary.json", "frontier.json", "*.stage.json", "**/stage.json",
-            "figures/*.png", *(f"recover/*/{f}" for f in RECOVER_FILES), *(f"labels/*/{f}" for f in STORE_FILES),
+            *(f"figures/{f}" for f in DEMO_FIGURES), *(f"recover/*/{f}" for f in RECOVER_FILES), *(f"labels/*/{f}" for f in STORE_FILES),
             *(f"{d}/*/{f}" for d in ("students", "frontier") for f in STUDENT_FILES))
 
 

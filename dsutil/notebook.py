@@ -76,16 +76,25 @@ class Notebook:
 
 def start(preset: str, quick: bool = False, compute: bool = False) -> Notebook:
     """The notebook's preset (a name, or a YAML or JSON file such as a run's config.json) and folders: the run in
-    ``DSUTIL_RUN`` (default ``../runs/<preset>[-quick]``), its figures in ``DSUTIL_FIGURES`` (default: the run's
+    ``DSUTIL_RUN`` (default: :func:`default_run`), its figures in ``DSUTIL_FIGURES`` (default: the run's
     ``figures/``; the README's ``figures/`` is refreshed by ``make figures`` alone)."""
     from . import plots
     from .runtime import show_log
 
     plots.theme()
     show_log()  # the stages' messages in the notebook's output
-    run_dir = Path(os.environ.get("DSUTIL_RUN") or f"../runs/{preset}" + ("-quick" if quick else ""))
+    run_dir = Path(os.environ.get("DSUTIL_RUN") or default_run(preset, quick))
     figures = Path(os.environ.get("DSUTIL_FIGURES") or run_dir / "figures")
     return Notebook(preset, quick, compute, load_config(preset, quick=quick), run_dir, figures)
+
+
+def default_run(preset: str, quick: bool) -> Path:
+    """A run's own config.json is read from its run; another preset file's run is named after the file, a
+    packaged preset's after its name, both under ``../runs``."""
+    path = Path(preset)
+    if path.is_file() and path.name == "config.json":
+        return path.parent
+    return Path("../runs") / ((path.stem if path.is_file() else preset) + ("-quick" if quick else ""))
 
 
 def headless(nb, cwd, timeout: int | None = 600):

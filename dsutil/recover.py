@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .augment import crop_flip, rrc_boxes
 from .files import atomic_path, load_tensors, read_json, save_tensors, write_json
 from .image_store import ENCODINGS, IMAGE_FORMATS, READ_BATCH, ImageSet, quantise, write_image_set
-from .layout import MARKER, RECOVER_FILES, SQUEEZE_MARKER, recover_dir  # noqa: F401 (recover_dir: for callers)
+from .layout import MARKER, RECOVER_FILES, RECOVER_OUTPUTS, SQUEEZE_MARKER, recover_dir  # noqa: F401 (recover_dir: for callers)
 from .runtime import barrier, derive_seed, is_main, log, my_share, resolve_device
 from .settings import check_choices, check_crop_scale, non_negative, positive, require
 from .squeeze import BNStats, bn_layers, load_squeezed
@@ -186,8 +186,9 @@ def augmentation_draws(gens: list[torch.Generator], cfg: RecoverConfig, size: tu
 
 
 def synthesize(teacher: torch.nn.Module, groups: list[Group], targets: BNTargets, method: str,
-               cfg: RecoverConfig, image_shape: tuple[int, int, int], pixel_range, device) -> list[Group]:
-    """Optimise the images of ``groups`` together in one batch; fills each group's images and losses."""
+               cfg: RecoverConfig, image_shape: tuple[int, int, int], pixel_range, device, step=None) -> list[Group]:
+    """Optimise the images of ``groups`` together in one batch; fills each group's images and losses.
+    ``step()``, when given, is called after each iteration (a progress bar's)."""
     target_kind = METHODS[method][1]
     dt = next(teacher.parameters()).dtype  # float32 normally; float64 for exactness checks
     gens = [torch.Generator().manual_seed(g.seed) for g in groups]
@@ -241,6 +242,8 @@ def synthesize(teacher: torch.nn.Module, groups: list[Group], targets: BNTargets
             opt.step()
             with torch.no_grad():
                 x.data = torch.maximum(torch.minimum(x, high), low)
+            if step is not None:
+                step()
     finally:
         for h in hooks:
             h.remove()
@@ -322,19 +325,21 @@ def recover(run_dir, cfg: RecoverConfig, classes: range | None = None, device: s
         targets = BNTargets(teacher, stats, cfg.global_targets, dev)
         image_iterations = 0
         passes = pack_groups(my_share(groups), cfg.batch_images)
-        for batch in tqdm(passes, desc=f"recover {cfg.method}", disable=not progress):
-            synthesize(teacher, batch, targets, cfg.method, cfg, shape, (low, high), dev)
-            for g in batch:
-                save_tensors(out / "units" / f"{g.name}.safetensors",
-                             {"images": g.images, "labels": g.labels, "ce": g.ce, "bn": torch.tensor([g.bn])})
-            image_iterations += sum(len(g.labels) for g in batch) * cfg.iterations
+        with tqdm(total=len(passes) * cfg.iterations, desc=f"recover {cfg.method} ({len(passes)} passes)",
+                  unit="it", disable=not progress) as bar:  # iterations: a rate and an estimate from the first pass
+            for batch in passes:
+                synthesize(teacher, batch, targets, cfg.method, cfg, shape, (low, high), dev, step=bar.update)
+                for g in batch:
+                    save_tensors(out / "units" / f"{g.name}.safetensors",
+                                 {"images": g.images, "labels": g.labels, "ce": g.ce, "bn": torch.tensor([g.bn])})
+                image_iterations += sum(len(g.labels) for g in batch) * cfg.iterations
         synth_seconds = time.time() - start
     barrier()  # every rank's units are written
     summary = assemble(run_dir, cfg, spec, info, teacher, dev, synth_seconds, image_iterations) if is_main() else None
     barrier()
     if not (out / "recover.json").exists():
         return None  # classes still to do (another range)
-    marker.finish(time.time() - start)
+    marker.finish(time.time() - start, RECOVER_OUTPUTS)
     return summary if is_main() else read_json(out / "recover.json")
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .files import claim, write_json
 from .image_store import ImageSet
 from .labels import DTYPES, FORMAT_VERSION, PRUNE_POOLS, TOPK_FILLS, BatchRecord, check_prune_ratio, pool_order, write_epoch
-from .layout import MARKER, STORE_FILES, TIMING, relabel_store_dir
+from .layout import MARKER, STORE_FILES, STORE_OUTPUTS, TIMING, relabel_store_dir
 from .replay import StepBatches, epoch_records
 from .runtime import LoaderWait, barrier, derive_seed, is_main, loader_options, my_share, resolve_device
 from .settings import check_choices, check_crop_scale, positive, require
@@ -142,7 +142,7 @@ def _relabel(run_dir, images_dir, cfg: RelabelConfig, out: Path, device, progres
     if is_main():
         write_json(out / TIMING, {"seconds": time.time() - start, "loader_wait_seconds": waited})
         write_json(out / "manifest.json", manifest)
-    marker.finish(time.time() - start)  # last: the store is complete
+    marker.finish(time.time() - start, STORE_OUTPUTS)  # last: the store is complete
     return out
 
 

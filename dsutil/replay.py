@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
 from .augment import rrc_boxes
@@ -55,6 +54,8 @@ def _cutmix_box(lam: float, height: int, width: int, gen: torch.Generator) -> tu
 def replay(images, rec: BatchRecord) -> torch.Tensor:
     """The augmented batch of a record, rebuilt with torchvision v2 ops from ``images`` (a tensor of the
     distilled set or an :class:`~dsutil.image_store.ImageSet`, of which only the batch's rows are read)."""
+    import torchvision.transforms.v2.functional as TF  # here: importing torchvision costs every command a second
+
     size = list(images.shape[-2:])
     out = []
     for x, (top, left, h, w), flip in zip(images[rec.index], rec.boxes.tolist(), rec.flips.tolist()):

@@ -14,7 +14,7 @@ import torch
 
 from .analysis import streamed_within_class_cosine
 from .config import ExperimentConfig
-from .files import json_ready, read_json, remove_own, write_json
+from .files import claim, json_ready, read_json, remove_own, write_json
 from .image_store import ImageSet
 from .labels import DYNAMICS_METRICS, LabelStore
 from .layout import (
@@ -31,9 +31,9 @@ from .layout import (
 from .models import feature_batches
 from .recover import recover, recover_identity
 from .relabel import relabel, relabel_identity
-from .runtime import barrier, derive_seed, dsutil_environment, is_main, log, resolve_device
+from .runtime import barrier, derive_seed, dsutil_environment, is_main, log, rank_log, resolve_device
 from .squeeze import load_squeezed, squeeze, squeeze_identity
-from .stage import Identity, Marker
+from .stage import Identity, Marker, StageMismatch
 from .train import student_identity, train_student
 
 
@@ -47,22 +47,31 @@ class Stages:
         self.progress = progress
 
     def __call__(self, name: str, marker: Path, ident: Identity, fn, own: tuple[str, ...]) -> str:
-        """Reuse the stage when ``marker`` records it finished with ``ident``'s key, else run ``fn`` (which
-        resumes an unfinished run of the same key); a folder made for another key first loses its stage files
-        (``own``: glob patterns in the marker's folder; the user's files stay)."""
+        """Reuse the stage when its marker's claim (:meth:`Marker.claim`, the one its command makes) finds it
+        finished with ``ident``'s key and its outputs as written, else run ``fn`` (which resumes an unfinished run
+        of the same key). A folder of stale files of the stage (other settings or inputs, outputs gone) first loses
+        them (``own``: glob patterns in the marker's folder; the user's files stay); one whose outputs were changed
+        after they were written is refused. All under the folder's lock: a folder another process writes is never
+        touched."""
         marker = Marker(marker)
-        done = marker.finished(ident)
-        barrier()  # under torchrun every rank decides before any writes
-        if done:
-            self.reused.append(name)
-            self.seconds[name] = marker.seconds()
-            return ident.key
-        if marker.held_by_other(ident, own):
-            marker.clear(own)
-        if self.progress:
-            log.info(f"[dsutil] {name} ...")
-        start = time.time()
-        fn()
+        with claim(marker.path.parent, f"dsutil run's {name}"):
+            try:
+                done = marker.claim(ident, own, False, f"the outputs of {name}")
+            except StageMismatch as e:
+                if not e.redo:
+                    raise ValueError(f"{e.problem}; restore them, or remove them and run again (dsutil run makes a "
+                                     "stage whose files are gone again, and every stage made from it)") from None
+                log.info(f"[dsutil] {name}: {e.problem}; made again")
+                marker.clear(own)
+                done = False
+            if done:
+                self.reused.append(name)
+                self.seconds[name] = marker.seconds()
+                return ident.key
+            if self.progress:
+                log.info(f"[dsutil] {name} ...")
+            start = time.time()
+            fn()
         self.seconds[name] = time.time() - start
         self.ran.append(name)
         return ident.key
@@ -79,15 +88,19 @@ class Stages:
 
 def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
     """Run (or reuse) squeeze, recover, relabel, students and analysis; write summary.json and figures."""
-    from .plots import demo_figures
-
     out, start = Path(out), time.time()
     seeds = cfg.student_seeds()
     data = cfg.data.load()
     check_class_count(cfg, data.num_classes)  # before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main():
-        write_json(out / "config.json", cfg.to_dict())
+    with claim(out, "dsutil run"), rank_log(out, cfg.to_dict()):  # one run at a time: a second one is refused
+        return _run_experiment(cfg, out, data, seeds, start, progress)  # before it writes
+
+
+def _run_experiment(cfg: ExperimentConfig, out: Path, data, seeds: list[int], start: float, progress: bool) -> dict:
+    from .plots import demo_figures
+
+    if is_main() and not (out / "config.json").exists():  # a run killed early still says how it was made; the
+        write_json(out / "config.json", cfg.to_dict())  # settings of a rerun replace them once it has finished
     stages = Stages(progress)
 
     stages("squeeze", out / SQUEEZE_MARKER, squeeze_identity(data, cfg.teacher, cfg.teacher_checkpoint),
@@ -122,6 +135,8 @@ def run_experiment(cfg: ExperimentConfig, out, progress: bool = True) -> dict:
     if is_main():
         demo_figures(out, summary, data)
         summary["seconds"] = time.time() - start
+        if read_json(out / "config.json") != json_ready(cfg.to_dict()):
+            write_json(out / "config.json", cfg.to_dict())
         write_json(out / "summary.json", summary)
     barrier()
     return summary
@@ -239,9 +254,20 @@ def ensure_recover(run_dir, rcfg, device: str = "auto", progress: bool = True, s
     Notebooks use it for extra methods (the ablations), which are then cached like the preset's."""
     run_dir, stages = Path(run_dir), stages or Stages(progress)
     rdir = recover_dir(run_dir, rcfg.method, rcfg.ipc)
+    check_not_imported(rdir, rcfg.method)
     stages(f"recover {rcfg.method}", rdir / MARKER, recover_identity(run_dir, rcfg),
            lambda: recover(run_dir, rcfg, device=device, progress=progress), own=RECOVER_FILES)
     return rdir
+
+
+def check_not_imported(rdir: Path, method: str) -> None:
+    """A set imported under the name a method's set would take is the user's: never replaced by a run."""
+    from .import_set import imported
+
+    if imported(rdir):
+        raise ValueError(f"{rdir} holds a set imported by `dsutil import`, where the run would recover {method}'s "
+                         "set: import it under another --name, or run into another folder; dsutil run never replaces "
+                         "an imported set")
 
 
 def ensure_student(run_dir, method: str, scfg, ipc: int, device: str = "auto", data=None, progress: bool = True,

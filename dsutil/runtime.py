@@ -13,7 +13,9 @@ import os
 import random
 import sys
 import time
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,18 +44,27 @@ def fix_mmap_threshold() -> None:
             pass
 
 
-RENDEZVOUS_ENV = "DSUTIL_RENDEZVOUS_SECONDS"  # how long ranks wait to find each other at the start (120)
+RENDEZVOUS_ENV = "DSUTIL_RENDEZVOUS_SECONDS"  # how long ranks wait to find each other at the start
+RENDEZVOUS_SECONDS = 120  # under a launcher dsutil knows (torchrun, SLURM, MPI)
+UNLAUNCHED_SECONDS = 1  # under none: a rank environment left over in a job script or a notebook, most likely
+LAUNCHERS = ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # what each one sets
+
+
+def _int_env(name: str, low: int, high: int | None, expected: str, default: str | None = None) -> int:
+    """An integer environment variable, checked; its message names it."""
+    text = os.environ.get(name, default)
+    if text is None or not text.strip().isdigit() or int(text) < low or (high is not None and int(text) > high):
+        raise ValueError(f"{name}={text!r}: expected {expected}")
+    return int(text)
 
 
 def start_ranks() -> None:
     """Join torchrun's process group when launched by it with several processes; idempotent.
 
-    A rank environment left over without a launcher (WORLD_SIZE > 1 in a copied job script or a notebook)
-    fails within ``DSUTIL_RENDEZVOUS_SECONDS``, saying so, instead of waiting for peers that never come."""
-    text = os.environ.get("WORLD_SIZE", "1")
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"WORLD_SIZE={text!r}: expected the number of torchrun ranks (1 or more)")
-    world = int(text)
+    A rank environment left over without a launcher (WORLD_SIZE > 1 in a copied job script or a notebook, with
+    none of the variables a launcher sets, ``LAUNCHERS``) fails within ``UNLAUNCHED_SECONDS``, saying so, instead
+    of waiting for peers that never come; under a launcher the ranks wait ``DSUTIL_RENDEZVOUS_SECONDS`` (120)."""
+    world = _int_env("WORLD_SIZE", 1, None, "the number of torchrun ranks (1 or more)", "1")
     if world == 1 or dist.is_initialized():
         return
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
@@ -61,21 +72,25 @@ def start_ranks() -> None:
         raise ValueError(f"WORLD_SIZE={world} asks for {world} torchrun ranks, but {', '.join(missing)} "
                          f"{'is' if len(missing) == 1 else 'are'} not set: launch with torchrun, or unset WORLD_SIZE "
                          "to run as one process")
-    wait = os.environ.get(RENDEZVOUS_ENV, "120")
-    if not wait.isdigit() or int(wait) < 1:
-        raise ValueError(f"{RENDEZVOUS_ENV}={wait!r}: expected whole seconds, 1 or more")
-    me, host, port = int(os.environ["RANK"]), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    me = _int_env("RANK", 0, world - 1, f"this process's rank, 0 to {world - 1} (WORLD_SIZE={world})")
+    port = _int_env("MASTER_PORT", 1, 65535, "a TCP port, 1 to 65535")
+    launched = any(os.environ.get(k) for k in LAUNCHERS)
+    wait = _int_env(RENDEZVOUS_ENV, 1, None, "whole seconds, 1 or more",
+                    str(RENDEZVOUS_SECONDS if launched else UNLAUNCHED_SECONDS))
+    host = os.environ["MASTER_ADDR"]
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent already serves the store
     try:
-        store = dist.TCPStore(host, port, world, is_master=me == 0 and not agent, timeout=timedelta(seconds=int(wait)),
+        store = dist.TCPStore(host, port, world, is_master=me == 0 and not agent, timeout=timedelta(seconds=wait),
                               wait_for_workers=True)
         store.set(f"dsutil/rank{me}", "here")  # a client that found the store but no master peer fails here
         for r in range(world):
             store.wait([f"dsutil/rank{r}"])
     except (RuntimeError, dist.DistError) as e:
+        alone = "" if launched else (f"; no launcher's variables are set ({', '.join(LAUNCHERS)}), so the wait was "
+                                     f"{wait} s: ranks started by hand set {RENDEZVOUS_ENV}")
         raise ValueError(f"rank {me} of WORLD_SIZE={world} found no peers at {host}:{port} within {wait} s "
                          f"({str(e).splitlines()[0]}); launch with torchrun, unset WORLD_SIZE to run as one process, "
-                         f"or raise {RENDEZVOUS_ENV}") from None
+                         f"or raise {RENDEZVOUS_ENV}{alone}") from None
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -126,6 +141,34 @@ def show_log() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+
+
+@contextmanager
+def rank_log(folder: Path, settings: dict):
+    """While a run works, each rank appends what dsutil says to ``folder/logs/rank<R>.log``, below a header of
+    the date, the command line and the settings: what a person reads after a job on a cluster ended."""
+    import json
+    import shlex
+
+    path = Path(folder) / "logs" / f"rank{rank()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S %z')} rank {rank()} of {world_size()}: "
+                f"{shlex.join(sys.argv)}\n# settings: {json.dumps(settings, sort_keys=True, default=str)}\n")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield path
+    except BaseException as e:  # the reason the run stopped ends its part of the log
+        handler.stream.write(f"# stopped: {type(e).__name__}: {e}\n")
+        raise
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
 
 
 def barrier() -> None:

@@ -31,7 +31,7 @@ from .files import (
     write_json,
     write_metrics,
 )
-from .layout import SQUEEZE_MARKER, made_from_teacher
+from .layout import SQUEEZE_MARKER, SQUEEZE_OUTPUTS, made_from_teacher
 from .models import ARCHS, build_model
 from .runtime import (
     barrier,
@@ -290,10 +290,10 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
     else:
         sched = lr_schedule(opt, cfg.epochs * len(loader), cfg.lr_warmup_epochs * len(loader))
     model.train()
-    bar = tqdm(range(cfg.epochs), desc="teacher", disable=not progress)
+    bar = tqdm(total=cfg.epochs * len(loader), desc="teacher", unit="step", disable=not progress)
     history, start = [], time.time()
-    for epoch in bar:
-        total = torch.zeros(3, device=device)  # loss sum, correct, images
+    for epoch in range(cfg.epochs):
+        total, began = torch.zeros(3, device=device), time.time()  # loss sum, correct, images
         for x, y in loader:
             x = x.float() / 255
             if cfg.augment == "shift":
@@ -310,13 +310,15 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
             opt.step()
             sched.step()
             total += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
+            bar.update()
         sum_over_ranks([total])
         loss_sum, correct, n = total.tolist()
         history.append({"epoch": epoch, "loss": loss_sum / n, "train_top1": correct / n, "lr": sched.get_last_lr()[0],
-                        "seconds": time.time() - start})
-        bar.set_postfix(loss=f"{loss_sum / n:.3f}")
+                        "seconds": time.time() - start, "epoch_seconds": time.time() - began})
+        bar.set_postfix(epoch=epoch, loss=f"{loss_sum / n:.3f}")
         if metrics_path is not None and is_main():
             write_metrics(metrics_path, history)
+    bar.close()
     return model.eval()
 
 
@@ -395,7 +397,7 @@ def _squeeze(data: ImageData, out_dir: Path, cfg: TeacherConfig, device, progres
     if is_main():
         stats.save(out_dir / "bn_stats.safetensors")
         write_json(out_dir / "squeeze.json", summary)
-    marker.finish(summary["seconds"])  # the run is whole before any rank goes on
+    marker.finish(summary["seconds"], SQUEEZE_OUTPUTS)  # the run is whole before any rank goes on
     return summary
 
 

@@ -19,7 +19,7 @@ from .evaluate import evaluate
 from .files import atomic_path, claim, read_json, save_model, save_tensors, write_json, write_metrics
 from .image_store import ImageSet
 from .labels import DYNAMICS_METRICS, PRUNE_METRICS, PRUNE_POOLS, LabelStore, LabelStoreError, check_prune_ratio, coverage, select_batches
-from .layout import MARKER, STUDENT_FILES
+from .layout import MARKER, STUDENT_FILES, STUDENT_OUTPUTS
 from .models import ARCHS, NORMS, build_model
 from .replay import StepBatches
 from .runtime import (
@@ -246,7 +246,7 @@ def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, devic
         model.train()
         steps = iter(batches)
         for epoch in range(start_epoch, plan.epochs):
-            waited = batches.seconds
+            waited, began = batches.seconds, time.time()
             loss, n = train_one_epoch(model, steps, plan.steps_in(epoch), epoch, plan.epochs, cfg, labels, dynamics,
                                       opt, sched, bar)
             if not math.isfinite(loss):  # diverged: stop before any weights of it are saved
@@ -255,7 +255,8 @@ def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, devic
             t_teacher, t_student = cfg.temperatures(epoch, plan.epochs)
             history.append({"epoch": epoch, "loss": loss / n / world_size(), "lr": sched.get_last_lr()[0],
                             "temperature": t_teacher, "student_temperature": t_student, "labels": labels.kind(epoch),
-                            "steps": n, "seconds": time.time() - started, "loader_wait_seconds": batches.seconds - waited})
+                            "steps": n, "seconds": time.time() - started, "epoch_seconds": time.time() - began,
+                            "loader_wait_seconds": batches.seconds - waited})
             bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
             if is_main():
                 write_metrics(out_dir / "metrics.jsonl", history)
@@ -277,7 +278,7 @@ def _train_student(run_dir, store_path, cfg: StudentConfig, out_dir: Path, devic
         write_json(out_dir / "train.json", result)
         if not keep_checkpoint:
             ckpt.path.unlink()
-    marker.finish(result["seconds"])  # last: the student is finished
+    marker.finish(result["seconds"], STUDENT_OUTPUTS)  # last: the student is finished
     return result
 
 

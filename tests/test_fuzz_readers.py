@@ -1,8 +1,9 @@
 """Random and mutated manifests, safetensors files and checkpoints fed to every reader: each raises dsutil's own
 clear error (ValueError and its LabelStoreError/SettingError kinds, naming the file), never another exception,
 a crash or a hang, and never runs code. Presets and image files too: random and mutated YAML, sections of any
-type, images of every mode, bit depth and format, damaged or random bytes."""
+type, images of every mode, bit depth and format, damaged or random bytes; stage markers and lock files."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,55 @@ def test_any_json_document_as_a_manifest(tmp_path_factory, doc):
     store.mkdir()
     (store / "manifest.json").write_text(json.dumps(doc))
     expect_clear_error(lambda: LabelStore(store), store / "manifest.json")
+
+
+# --- stage markers and lock files ------------------------------------------------------------------------------
+
+def claim_store(originals, store):
+    """The claim a rerun of the originals' relabel makes on ``store`` (a copy of its store)."""
+    from dsutil.layout import STORE_FILES
+    from dsutil.relabel import relabel_identity
+    from dsutil.stage import Marker
+
+    images = originals["images"].parent
+    ident = relabel_identity(images.parents[1], images, RelabelConfig(epochs=2, batch_size=10, topk=3))
+    return Marker(store / "stage.json").claim(ident, STORE_FILES, False, "labels")
+
+
+@FUZZ
+@given(edits=EDITS)
+def test_mutated_stage_markers(originals, tmp_path_factory, edits):
+    store = tmp_path_factory.mktemp("s") / "store"
+    shutil.copytree(originals["store"], store)
+    marker = store / "stage.json"
+    marker.write_bytes(mutate(marker.read_bytes(), edits))
+    expect_clear_error(lambda: claim_store(originals, store), store)
+
+
+@FUZZ
+@given(key=st.sampled_from(["hash", "finished", "schema", "inputs", "outputs", "seconds", "stage", "started"]),
+       value=JSON)
+def test_stage_markers_with_a_field_of_any_value(originals, tmp_path_factory, key, value):
+    store = tmp_path_factory.mktemp("k") / "store"
+    shutil.copytree(originals["store"], store)
+    marker = json.loads((store / "stage.json").read_text())
+    (store / "stage.json").write_text(json.dumps(marker | {key: value}))
+    expect_clear_error(lambda: claim_store(originals, store), store)
+
+
+@FUZZ
+@given(content=st.binary(max_size=64) | JSON.map(json.dumps)
+       | st.dictionaries(st.sampled_from(["pid", "host", "command"]), JSON).map(json.dumps))
+def test_lock_files_of_any_content(tmp_path_factory, content):
+    from dsutil.files import LOCK, claim
+
+    folder = tmp_path_factory.mktemp("l")
+    (folder / LOCK).write_bytes(content.encode() if isinstance(content, str) else content)
+    try:
+        with claim(folder, "fuzz"):
+            assert json.loads((folder / LOCK).read_text())["pid"] == os.getpid()  # taken over: now ours
+    except ValueError as e:
+        assert "being written by another dsutil process" in str(e) and str(folder) in str(e), e
 
 
 # --- presets and image files: what users hand in ---------------------------------------------------------------

@@ -75,6 +75,8 @@ BAD_SETTINGS = [  # (--set key=value, the words the error must show)
     ("student.lr=.inf", "lr=inf: expected a finite number"),
     ("teacher.lr=.nan", "lr=nan: expected a finite number"),
     ("student.lr.x=1", "student.lr is a value, not a section"),
+    ("student.prune_ratio=0.9", "student.prune_ratio=0.9: expected 0: the run trains a student at each of prune_ratios"),
+    ("student.metric=entropy-high", "student.metric='entropy-high': expected random: the run trains a student by each of"),
 ]
 
 
