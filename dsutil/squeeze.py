@@ -292,33 +292,35 @@ def train_teacher(data: ImageData, cfg: TeacherConfig, device="cpu", progress: b
     model.train()
     bar = tqdm(total=cfg.epochs * len(loader), desc="teacher", unit="step", disable=not progress)
     history, start = [], time.time()
-    for epoch in range(cfg.epochs):
-        total, began = torch.zeros(3, device=device), time.time()  # loss sum, correct, images
-        for x, y in loader:
-            x = x.float() / 255
-            if cfg.augment == "shift":
-                x = random_shift_flip(x, cfg.shift, data.flip, gen)
-            else:
-                flips = torch.rand(len(x), generator=gen) < 0.5 if data.flip else torch.zeros(len(x), dtype=torch.bool)
-                x = crop_flip(x, rrc_boxes(len(x), *x.shape[-2:], (0.08, 1.0), generator=gen), flips)
-            mine = my_rows(len(y))  # this rank's rows of the batch (all of them in one process)
-            x, y = x[mine].to(device), y[mine].to(device)
-            logits = net(data.normalize(x))
-            loss = nn.functional.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
-            bar.update()
-        sum_over_ranks([total])
-        loss_sum, correct, n = total.tolist()
-        history.append({"epoch": epoch, "loss": loss_sum / n, "train_top1": correct / n, "lr": sched.get_last_lr()[0],
-                        "seconds": time.time() - start, "epoch_seconds": time.time() - began})
-        bar.set_postfix(epoch=epoch, loss=f"{loss_sum / n:.3f}")
-        if metrics_path is not None and is_main():
-            write_metrics(metrics_path, history)
-    bar.close()
+    try:  # closed on errors too, so an error's line starts a line of its own
+        for epoch in range(cfg.epochs):
+            total, began = torch.zeros(3, device=device), time.time()  # loss sum, correct, images
+            for x, y in loader:
+                x = x.float() / 255
+                if cfg.augment == "shift":
+                    x = random_shift_flip(x, cfg.shift, data.flip, gen)
+                else:
+                    flips = torch.rand(len(x), generator=gen) < 0.5 if data.flip else torch.zeros(len(x), dtype=torch.bool)
+                    x = crop_flip(x, rrc_boxes(len(x), *x.shape[-2:], (0.08, 1.0), generator=gen), flips)
+                mine = my_rows(len(y))  # this rank's rows of the batch (all of them in one process)
+                x, y = x[mine].to(device), y[mine].to(device)
+                logits = net(data.normalize(x))
+                loss = nn.functional.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
+                bar.update()
+            sum_over_ranks([total])
+            loss_sum, correct, n = total.tolist()
+            history.append({"epoch": epoch, "loss": loss_sum / n, "train_top1": correct / n, "lr": sched.get_last_lr()[0],
+                            "seconds": time.time() - start, "epoch_seconds": time.time() - began})
+            bar.set_postfix(epoch=epoch, loss=f"{loss_sum / n:.3f}")
+            if metrics_path is not None and is_main():
+                write_metrics(metrics_path, history)
+    finally:
+        bar.close()
     return model.eval()
 
 
