@@ -55,15 +55,18 @@ class Stages:
         touched."""
         marker = Marker(marker)
         with claim(marker.path.parent, f"dsutil run's {name}"):
+            stale = None
             try:
                 done = marker.claim(ident, own, False, f"the outputs of {name}")
             except StageMismatch as e:
                 if not e.redo:
                     raise ValueError(f"{e.problem}; restore them, or remove them and run again (dsutil run makes a "
                                      "stage whose files are gone again, and every stage made from it)") from None
-                log.info(f"[dsutil] {name}: {e.problem}; made again")
+                done, stale = False, e
+            barrier()  # under torchrun every rank decides before any writes
+            if stale is not None:
+                log.info(f"[dsutil] {name}: {stale.problem}; made again")
                 marker.clear(own)
-                done = False
             if done:
                 self.reused.append(name)
                 self.seconds[name] = marker.seconds()
