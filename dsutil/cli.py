@@ -102,15 +102,42 @@ def cmd_labels_size(args) -> None:
     import json
 
     from .labels import human_bytes, storage_bytes
+    from .protocol import pixel_bytes
 
     n = storage_bytes(args.classes, args.ipc, args.epochs, args.batch_size, args.prune_ratio, args.dtype, args.topk)
     full = storage_bytes(args.classes, args.ipc, args.epochs, args.batch_size, 0.0, args.dtype, None)
+    images = pixel_bytes(args.classes, args.ipc, args.image_size, args.channels, args.pixels) if args.image_size else None
     if args.json:
         setting = {k: v for k, v in vars(args).items() if k not in ("func", "command", "labels_command", "json")}
-        log.info(json.dumps({"bytes": n, "gib": n / 2**30, "full_bytes": full, "reduction": full / n} | setting))
+        total = {} if images is None else {"image_bytes": images, "total_bytes": n + images}
+        log.info(json.dumps({"bytes": n, "gib": n / 2**30, "full_bytes": full, "reduction": full / n} | total | setting))
     else:
         smaller = f"; {full / n:.1f}x less than {human_bytes(full)} unpruned" if n < full else ""
-        log.info(f"{human_bytes(n)} ({n} bytes{smaller})")
+        line = f"{human_bytes(n)} ({n} bytes{smaller})"
+        if images is not None:
+            line = (f"labels {line}; images {human_bytes(images)} ({args.pixels}); total {human_bytes(n + images)} "
+                    f"({n + images} bytes; the labels are {n / (n + images):.1%} of it)")
+        log.info(line)
+
+
+def cmd_ledger(args) -> None:
+    from . import ledger
+
+    if args.ledger_command == "record":
+        doc = ledger.record(args.runs, names=args.name)
+        log.info(f"{len(doc['entries'])} entries -> {ledger.LEDGER}")
+    elif args.ledger_command == "tables":
+        changed = ledger.write_tables()
+        log.info(f"tables rewritten in {', '.join(changed)}" if changed else "every table is current")
+    else:
+        rows = ledger.check(budget=args.budget, runs_dir=args.runs, quick=args.quick)
+        for r in rows:
+            log.info(f"{r['status']:<8} {r['id']}: {r['recorded']} -> {r['now']}")
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("holding", "moved", "broken", "skipped")}
+        log.info(", ".join(f"{n} {s}" for s, n in counts.items()))
+        if counts["broken"]:
+            raise ValueError(f"{counts['broken']} of the ledger's numbers broke (beyond their tolerance): "
+                             + ", ".join(r["id"] for r in rows if r["status"] == "broken"))
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -241,7 +268,7 @@ def _add_preset_commands(sub) -> None:
 
 
 def _add_tool_commands(sub) -> None:
-    """import-teacher and labels size."""
+    """import-teacher, labels size and ledger."""
     from .data import NORMALIZATIONS
     from .models import ARCHS
 
@@ -270,8 +297,25 @@ def _add_tool_commands(sub) -> None:
     q.add_argument("--prune-ratio", type=float, default=0.0)
     q.add_argument("--dtype", default="fp16", choices=list(DTYPES))
     q.add_argument("--topk", type=int, default=None, help="keep only the top-k logits of every label")
+    q.add_argument("--image-size", type=int, default=None, help="the images' side in pixels: adds their bytes, the total")
+    q.add_argument("--channels", type=int, default=3)
+    q.add_argument("--pixels", default="uint8", choices=["uint8", "float32"], help="how the image store keeps them")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_labels_size)
+
+    p = sub.add_parser("ledger", formatter_class=DefaultsHelp, help="the published numbers: record, tables, check")
+    lsub = p.add_subparsers(dest="ledger_command", required=True)
+    q = lsub.add_parser("record", formatter_class=DefaultsHelp, help="docs/ledger.json from the runs' summaries")
+    q.add_argument("--runs", type=Path, default=Path("runs"), help="the folder of the runs (runs/<preset>)")
+    q.add_argument("--name", action="append", help="only these runs (repeatable; default: all)")
+    lsub.add_parser("tables", formatter_class=DefaultsHelp, help="the README's and docs' tables from the ledger")
+    q = lsub.add_parser("check", formatter_class=DefaultsHelp, help="rerun what fits a time budget and compare")
+    q.add_argument("--budget", type=float, default=0.0, help="seconds: runs whose stages took longer are skipped")
+    q.add_argument("--runs", type=Path, default=None, help="rerun into this folder's runs, reusing finished stages "
+                   "(default: each from an empty folder)")
+    q.add_argument("--quick", action="store_true", help="only the instant entries (what CI checks)")
+    for q in lsub.choices.values():
+        q.set_defaults(func=cmd_ledger)
 
 
 

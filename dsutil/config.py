@@ -103,6 +103,8 @@ class ExperimentConfig:
     device: str = "auto"
     frontier: FrontierConfig | None = None  # `dsutil frontier`: label budgets beyond pruning (dsutil.frontier)
     cosine_per_class: int | None = None  # real images' within-class cosine on a seeded sample per class (None: all)
+    baselines: bool = True  # a hard-label student per image set and seed, the full-real number, HLR/IOR/LRS
+    teacher_floor: float = 1.5  # stop before recover when the teacher's test top-1 is under this many times chance (0: go on)
 
     def recover_config(self, method: str) -> RecoverConfig:
         base = asdict(self.recover) | self.method_overrides.get(method, {}) | {"method": method}
@@ -126,6 +128,7 @@ class ExperimentConfig:
                     f"distilled methods of the preset ({', '.join(m for m in self.methods if m != REAL)})")
         require(self.cosine_per_class is None or self.cosine_per_class >= 2, "cosine_per_class",
                 self.cosine_per_class, "2 or more images per class (or null: all of them)")
+        require(self.teacher_floor >= 0, "teacher_floor", self.teacher_floor, "0 (never stop) or more, a multiple of chance")
         require(self.teacher.epochs > 0 or self.teacher.pretrained or self.teacher_checkpoint is not None,
                 "teacher.epochs", self.teacher.epochs, "1 or more, unless teacher.pretrained or teacher_checkpoint")
         # the runner sets these per student: a value given here would be recorded and never used

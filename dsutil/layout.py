@@ -24,7 +24,8 @@ STORE_OUTPUTS = ("manifest.json", "epoch*.safetensors")
 STUDENT_OUTPUTS = ("train.json", "student.safetensors", "metrics.jsonl", "dynamics.safetensors")
 
 
-DEMO_FIGURES = ("within_class_cosine.png", "accuracy_vs_pruning.png", "accuracy_vs_label_storage.png", "images_*.png")
+DEMO_FIGURES = ("within_class_cosine.png", "accuracy_vs_pruning.png", "accuracy_vs_label_storage.png",
+                "accuracy_vs_total_storage.png", "images_*.png")
 # the run's figures (dsutil.plots.demo_figures); a notebook's own are named <preset>_<figure>.png and left alone
 
 
@@ -66,11 +67,15 @@ def others_hash(cfg, named: tuple[str, ...]) -> str:
 
 
 def student_dir(run_dir, method: str, ipc: int, scfg) -> Path:
-    """The runner's student: ``students/<method>-ipc<N>-<metric>-r<r>[-granularity][-pool][-draw][-s<seed>][-hash]``."""
+    """The runner's student: ``students/<method>-ipc<N>-<metric>-r<r>[-granularity][-pool][-draw][-s<seed>][-hash]``,
+    or ``students/<method>-ipc<N>-hard[-s<seed>][-hash]`` for one trained on hard labels only."""
     suffix = ("" if scfg.granularity == "batch" else f"-{scfg.granularity}") + \
         ("" if scfg.pool == "uniform" else f"-{scfg.pool}") + ("" if scfg.draw == "cycle" else f"-{scfg.draw}") + \
         (f"-s{scfg.seed}" if scfg.seed else "")
     named = ("metric", "prune_ratio", "granularity", "pool", "draw", "seed", "scores_from")
+    if scfg.hard_epochs == 1:  # one-hot labels only (the hard-label baseline): no stored label, ratio or pool
+        seed = f"-s{scfg.seed}" if scfg.seed else ""
+        return Path(run_dir) / "students" / f"{method}-ipc{ipc}-hard{seed}{others_hash(scfg, (*named, 'hard_epochs'))}"
     return Path(run_dir) / "students" / f"{method}-ipc{ipc}-{scfg.metric}-r{scfg.prune_ratio:g}{suffix}{others_hash(scfg, named)}"
 
 

@@ -55,26 +55,38 @@ def cosine_bars(methods: dict[str, float | None], real: float | None, title: str
     return fig
 
 
+X_LABELS = {"prune_ratio": "fraction of label batches kept, 1 - r (log scale)",
+            "label_bytes": "stored soft labels with their crop recipes (KiB, log scale)",
+            "total_bytes": "total storage: images as stored + labels + recipes (KiB, log scale)"}
+
+
 def accuracy_curves(summary: dict, x: str):
-    """Student top-1 against the pruning ratio (x='prune_ratio') or the label bytes (x='label_bytes')."""
+    """Student top-1 against the pruning ratio (x='prune_ratio'), the label bytes (x='label_bytes') or the total
+    storage (x='total_bytes'); each method's hard-label student (dashed) and the whole real training set with hard
+    labels (dotted, black) beside them, where the run trained them."""
     theme()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     seeds = summary.get("seeds", [0])
     for name, m in summary["methods"].items():
         s = [r for r in m["students"] if r.get("metric", "random") == "random"]
-        xs = [r[x] / 2**10 if x == "label_bytes" else 1 - r[x] for r in s]
+        xs = [r[x] / 2**10 if x.endswith("bytes") else 1 - r[x] for r in s]
         std = [(r.get("test_top1_std") or 0) * 100 for r in s]
+        color, label = METHOD_COLORS.get(name), METHOD_NAMES.get(name, name)
         ax.errorbar(xs, [r["test_top1"] * 100 for r in s], yerr=std if len(seeds) > 1 else None, fmt="o-",
-                    capsize=3, color=METHOD_COLORS.get(name), label=METHOD_NAMES.get(name, name))
+                    capsize=3, color=color, label=label)
+        if m.get("hard_label"):
+            ax.axhline(m["hard_label"]["test_top1"] * 100, ls="--", lw=1, color=color, label=f"{label}, hard labels")
+    if summary.get("full_real_hard_label"):
+        ax.axhline(summary["full_real_hard_label"]["test_top1"] * 100, ls=":", lw=1.2, color="k",
+                   label="all real images, hard labels")
     ax.set_xscale("log")
-    if x == "label_bytes":
-        ax.set_xlabel("stored soft labels (KiB, log scale)")
-    else:
-        ax.set_xlabel("fraction of label batches kept, 1 - r (log scale)")
+    ax.set_xlabel(X_LABELS[x])
+    if x == "prune_ratio":
         ax.invert_xaxis()
     ax.set_ylabel("student test top-1 (%)" + (f"\nmean ± std over {len(seeds)} seeds" if len(seeds) > 1 else ""))
-    ax.set_title(f"{summary.get('name', summary['dataset'])}: accuracy against label {'storage' if x == 'label_bytes' else 'pruning'}")
-    ax.legend()
+    what = {"prune_ratio": "label pruning", "label_bytes": "label storage", "total_bytes": "total storage"}[x]
+    ax.set_title(f"{summary.get('name', summary['dataset'])}: accuracy against {what}")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
@@ -110,7 +122,8 @@ def demo_figures(out, summary: dict, data) -> list[Path]:
                               f"{summary.get('name', summary['dataset'])}: how alike are images of one class?"),
                   fig_dir / "within_class_cosine.png"),
              save(accuracy_curves(summary, "prune_ratio"), fig_dir / "accuracy_vs_pruning.png"),
-             save(accuracy_curves(summary, "label_bytes"), fig_dir / "accuracy_vs_label_storage.png")]
+             save(accuracy_curves(summary, "label_bytes"), fig_dir / "accuracy_vs_label_storage.png"),
+             save(accuracy_curves(summary, "total_bytes"), fig_dir / "accuracy_vs_total_storage.png")]
     for name, m in summary["methods"].items():
         images = ImageSet(recover_dir(out, name, m["ipc"]) / "images.safetensors")
         paths.append(save(image_grid(*grid_images(images, data), data.classes,

@@ -29,6 +29,8 @@ from .layout import (
     student_dir,
 )
 from .models import feature_batches
+from .protocol import add_label_robust_scores, full_real_reference, hard_label_config, image_bytes
+from .provenance import describe, provenance
 from .recover import recover, recover_identity
 from .relabel import relabel, relabel_identity
 from .runtime import barrier, derive_seed, dsutil_environment, is_main, log, rank_log, resolve_device
@@ -75,7 +77,8 @@ class Stages:
                 log.info(f"[dsutil] {name} ...")
             start = time.time()
             fn()
-        self.seconds[name] = time.time() - start
+        recorded = marker.seconds()  # the stage's own time, which a rerun that reuses it reports too
+        self.seconds[name] = time.time() - start if recorded is None else recorded
         self.ran.append(name)
         return ident.key
 
@@ -105,34 +108,42 @@ def _run_experiment(cfg: ExperimentConfig, out: Path, data, seeds: list[int], st
     if is_main() and not (out / "config.json").exists():  # a run killed early still says how it was made; the
         write_json(out / "config.json", cfg.to_dict())  # settings of a rerun replace them once it has finished
     stages = Stages(progress)
+    if progress and is_main():
+        log.info(f"[dsutil] {describe(provenance(seeds))}")
 
     stages("squeeze", out / SQUEEZE_MARKER, squeeze_identity(data, cfg.teacher, cfg.teacher_checkpoint),
            lambda: squeeze(data, out, cfg.teacher, cfg.device, progress, cfg.teacher_checkpoint), own=made_from_teacher())
     teacher, spec, _, info = load_squeezed(out, resolve_device(cfg.device))  # the analyses run where the stages do
+    check_teacher(info, data.classes, cfg.teacher_floor)
     methods: dict[str, dict] = {}
     for method in cfg.methods:
         rcfg = cfg.recover_config(method)
         rdir = ensure_recover(out, rcfg, cfg.device, progress, stages)
         store = ensure_labels(out, method, rcfg.ipc, cfg.relabel, cfg.device, progress, stages)
         images = ImageSet(rdir / "images.safetensors")  # streamed through the teacher in batches
-        students = []
+        students, stored_images = [], image_bytes(rdir / "images.safetensors")
         for metric in cfg.prune_metrics:
             for ratio in cfg.prune_ratios:
                 runs = [ensure_student(out, method, replace(cfg.student, prune_ratio=ratio, metric=metric, seed=seed),
                                        rcfg.ipc, cfg.device, data, progress, stages) for seed in seeds]
-                students.append({"prune_ratio": ratio, "metric": metric} | over_seeds(runs, seeds))
+                point = {"prune_ratio": ratio, "metric": metric} | over_seeds(runs, seeds)
+                students.append(point | {"total_bytes": stored_images + point["label_bytes"]})
+        hard = [ensure_student(out, method, hard_label_config(cfg.student, seed), rcfg.ipc, cfg.device, data, progress,
+                               stages) for seed in seeds] if cfg.baselines else None
         methods[method] = {"ipc": rcfg.ipc,
                            "within_class_cosine": streamed_within_class_cosine(feature_batches(teacher, images.batches())),
                            "teacher_top1_on_images": read_json(rdir / "recover.json")["teacher_top1_on_images"],
                            "label_bytes_full": LabelStore(store).kept_bytes(LabelStore(store).keys()),
-                           "label_bytes_on_disk": LabelStore(store).disk_bytes(),
-                           "students": students}
+                           "label_bytes_on_disk": LabelStore(store).disk_bytes(), "image_bytes": stored_images,
+                           "students": students, "hard_label": hard and over_seeds(hard, seeds)}
+    full_real = full_real_reference(info, cfg.student) if cfg.baselines else None
+    add_label_robust_scores(methods, full_real)
     real_cos, real_count = real_within_class_cosine(teacher, data, cfg.cosine_per_class, cfg.data.seed)
     summary = {"name": cfg.name, "dataset": cfg.data.dataset, "classes": data.classes,
-               "teacher": {"arch": spec["arch"], "test_top1": info["test_top1"]},
+               "teacher": {"arch": spec["arch"], "test_top1": info["test_top1"]}, "full_real_hard_label": full_real,
                "real_within_class_cosine": real_cos, "real_within_class_cosine_images": real_count,
                "methods": methods, "settings": cfg.to_dict(), "environment": dsutil_environment(),
-               "seeds": seeds, "stages": {"ran": stages.ran, "reused": stages.reused},
+               "seeds": seeds, "provenance": provenance(seeds), "stages": {"ran": stages.ran, "reused": stages.reused},
                "stage_seconds": stages.seconds, "stage_seconds_by_kind": stages.seconds_by_kind(),
                "seconds": time.time() - start}
     if is_main():
@@ -189,6 +200,19 @@ def check_class_count(cfg: ExperimentConfig, num_classes: int) -> None:
         require(k is None or k <= num_classes, "frontier.topk", k, f"at most the data's {num_classes} classes")
 
 
+def check_teacher(squeezed: dict, classes: list[str], floor: float) -> None:
+    """A teacher near chance on the run's real test images (measured by squeeze, in the run's class order) stops the
+    run before any image is recovered from it: such a teacher knows other classes, or other pixels."""
+    top1, chance = squeezed["test_top1"], 1 / len(classes)
+    if top1 < floor * chance:
+        raise ValueError(
+            f"the teacher's test top-1 on this run's real images is {top1:.1%}, under {floor:g} x chance ({chance:.1%} "
+            f"for {len(classes)} classes): it does not know these classes as the run orders them. Likely causes: its "
+            f"classes are in another order (the run's are {', '.join(classes[:3])}, ...), the images are "
+            "normalised otherwise than it was trained on (data.normalize; import-teacher --normalize), or it was "
+            "trained at another input size (data.image_size). A teacher this weak by design: --set teacher_floor=0")
+
+
 def over_seeds(runs: list[dict], seeds: list[int]) -> dict:
     """One student setting over its seeds: mean, sample std (None for one seed) and per-seed values."""
     out = {"seeds": seeds, "label_bytes": round(sum(r["label_bytes"] for r in runs) / len(runs))}
@@ -201,25 +225,41 @@ def over_seeds(runs: list[dict], seeds: list[int]) -> dict:
 
 
 def summary_table(summary: dict) -> str:
-    """A short terminal table: cosine, then top-1 (mean +- std over seeds) at each pruning ratio, per method."""
+    """A short terminal table: cosine, the hard-label baseline, then top-1 (mean +- std over seeds) at each pruning
+    ratio, per method; then DD-Ranking's LRS where the baselines were trained."""
     ratios = [s["prune_ratio"] for s in next(iter(summary["methods"].values()))["students"]]
     seeds = summary.get("seeds", [0])
     width = 8 if len(seeds) == 1 else 11
-    head = f"{'method':<8} {'cosine':>7} " + " ".join(f"{'r=' + format(r, 'g'):>{width}}" for r in ratios)
+    pct = lambda r: "n/a" if r is None else f"{r['test_top1'] * 100:.1f}%" + (  # noqa: E731
+        "" if r.get("test_top1_std") is None else f"±{r['test_top1_std'] * 100:.1f}")
+    hard = any(m.get("hard_label") for m in summary["methods"].values())
+    head = f"{'method':<8} {'cosine':>7} " + (f"{'hard':>{width}} " if hard else "") + \
+        " ".join(f"{'r=' + format(r, 'g'):>{width}}" for r in ratios)
     real = summary.get("real_within_class_cosine")
     lines = [f"teacher {summary['teacher']['arch']}: test top-1 {summary['teacher']['test_top1']:.4f}; "
              "real images within-class cosine " + ("not measured (a run made before it was streamed)"
                                                    if real is None else f"{real:.3f}"), head]
     for name, m in summary["methods"].items():
-        cells = [f"{s['test_top1'] * 100:.1f}%" + ("" if s.get("test_top1_std") is None
-                                                      else f"±{s['test_top1_std'] * 100:.1f}") for s in m["students"]]
         cosine = "n/a" if m["within_class_cosine"] is None else f"{m['within_class_cosine']:.3f}"
+        cells = ([pct(m["hard_label"])] if hard else []) + [pct(s) for s in m["students"]]
         lines.append(f"{name:<8} {cosine:>7} " + " ".join(f"{c:>{width}}" for c in cells))
     if any(m["within_class_cosine"] is None for m in summary["methods"].values()):
         lines.append("cosine n/a: one image per class (IPC 1) has no pair to compare")
     full = next(iter(summary["methods"].values()))["label_bytes_full"]
     over = f", mean ± std over seeds {seeds}" if len(seeds) > 1 else f", seed {seeds[0]}"
-    lines.append(f"student test top-1 by label pruning ratio r{over} (labels kept: 1 - r of {full} bytes)")
+    lines.append(f"student test top-1 by label pruning ratio r{over} (labels kept: 1 - r of {full} bytes)"
+                 + ("; hard: the same images on one-hot labels" if hard else ""))
+    scored = {n: m for n, m in summary["methods"].items() if n != "real" and any(s.get("scores") for s in m["students"])}
+    if scored:
+        ref = summary["full_real_hard_label"]
+        lines.append(f"whole real training set, hard labels: {ref['test_top1'] * 100:.1f}% ({ref['from']}: "
+                     f"{'the' if ref['same_architecture'] else 'not the'} students' architecture; recipe {ref['recipe']})")
+        lines.append(f"{'LRS x100':<16} " + " ".join(f"{'r=' + format(r, 'g'):>{width}}" for r in ratios))
+        for name, m in scored.items():
+            cells = ["n/a" if s.get("scores") is None else f"{s['scores']['lrs'] * 100:.1f}" for s in m["students"]]
+            lines.append(f"{name:<16} " + " ".join(f"{c:>{width}}" for c in cells))
+        lines.append("LRS: DD-Ranking's label-robust score of the seeds' mean top-1s, in [0, 100], higher is better "
+                     "(docs/protocol.md)")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .files import file_sha256, read_json, remove_own, write_json
+from .provenance import provenance
 from .runtime import barrier, is_main
 
 SCHEMA = 3  # 3: with the outputs it wrote; 2: without; 1: the runner's markers of before (no "schema", written
@@ -213,5 +214,5 @@ class Marker:
                 raise ValueError(f"{self.path} was removed while its stage ran (by another process, or by hand); "
                                  "its outputs are not recorded as finished: run the stage again")
             write_json(self.path, rec | {"schema": SCHEMA, "finished": time.time(), "seconds": seconds,
-                                         "outputs": written(self.path.parent, outputs)})
+                                         "outputs": written(self.path.parent, outputs), "provenance": provenance()})
         barrier()

@@ -56,7 +56,7 @@ def test_a_rerun_reuses_every_stage_and_each_deleted_output_is_made_again_with_t
         ran = small_run(out)["stages"]["ran"]
         assert any(name.startswith(remade) for name in ran), (deleted, ran)
         assert deleted.read_bytes() == was  # made again, as it was
-    assert len(ran) == 1 + 2 + 2 + 4  # a new teacher: every stage made from it again
+    assert len(ran) == 1 + 2 + 2 + 4 + 2  # a new teacher: every stage made from it again (hard-label students too)
     log = (out / "logs/rank0.log").read_text()  # each run's header, and what it said
     assert log.count("# settings: ") == 1 + 1 + 4 and "rank 0 of 1" in log
     assert "squeeze: " in log and "whose files are gone: teacher.safetensors; made again" in log, log
@@ -100,7 +100,7 @@ def test_a_second_run_into_a_folder_being_written_is_refused_and_the_first_finis
     assert first.returncode == 0, stderr
     assert json.loads((out / "config.json").read_text())["student"]["epochs"] == 30  # the first's settings
     assert json.loads((out / "squeeze.json").read_text())["settings"]["epochs"] == 1  # the first's teacher
-    assert len(json.loads((out / "summary.json").read_text())["stages"]["ran"]) == 1 + 2 + 2 + 4
+    assert len(json.loads((out / "summary.json").read_text())["stages"]["ran"]) == 1 + 2 + 2 + 4 + 2
     assert not (out / "students" / "squeeze.json").exists() and not (out / LOCK).exists()
 
 
