@@ -10,7 +10,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .files import write_json
-from .layout import frontier_student_dir
+from .layout import frontier_student_dir, recover_dir
+from .protocol import image_bytes
 from .runner import Stages, ensure_labels, ensure_run, ensure_student, over_seeds
 from .runtime import is_main
 from .settings import build, require
@@ -26,7 +27,7 @@ def run_frontier(cfg, out, progress: bool = True) -> dict:
     points = []
     for method in fcfg.methods:
         ipc = cfg.recover_config(method).ipc
-        full = None
+        full, stored_images = None, image_bytes(recover_dir(out, method, ipc) / "images.safetensors")
         for r, k, policy in fcfg.settings():
             rcfg = replace(cfg.relabel, topk=k, topk_fill=fcfg.topk_fill)
             store = ensure_labels(out, method, ipc, rcfg, cfg.device, progress, stages)
@@ -35,6 +36,7 @@ def run_frontier(cfg, out, progress: bool = True) -> dict:
             runs = [ensure_student(out, method, replace(scfg, seed=seed), ipc, cfg.device, data, progress, stages,
                                    store=store, folder=frontier_student_dir(out, method, ipc, k, r, policy, seed)) for seed in fcfg.seeds]
             point = {"method": method, "prune_ratio": r, "topk": k, "policy": policy} | over_seeds(runs, fcfg.seeds)
+            point["total_bytes"] = stored_images + point["label_bytes"]  # what sets of other images compare at
             if (r, k, policy) == (0.0, None, "constant"):
                 full = point["label_bytes"]
             points.append(point)
@@ -67,7 +69,8 @@ def best_within(points: list[dict], budget: float, pruning_only: bool = False) -
 
 
 def frontier_table(result: dict) -> str:
-    """Per method: the Pareto points (label bytes, reduction, top-1 mean +- std, setting)."""
+    """Per method: the Pareto points (label bytes, reduction, total storage with the images, top-1 mean +- std,
+    setting)."""
     from .labels import human_bytes
 
     lines = []
@@ -76,6 +79,7 @@ def frontier_table(result: dict) -> str:
         for p in front:
             std = "" if p.get("test_top1_std") is None else f" ± {p['test_top1_std'] * 100:.1f}"
             red = f"{p['reduction']:.0f}x" if p.get("reduction") else "?"
-            lines.append(f"  {human_bytes(p['label_bytes']):>11} {red:>6}  {p['test_top1'] * 100:5.1f}{std:<6}  "
+            total = f"total {human_bytes(p['total_bytes'])}" if "total_bytes" in p else ""
+            lines.append(f"  {human_bytes(p['label_bytes']):>11} {red:>6} {total:>17}  {p['test_top1'] * 100:5.1f}{std:<6}  "
                          f"r={p['prune_ratio']:g} topk={p['topk'] or 'all'} {p['policy']}")
     return "\n".join(lines)

@@ -145,3 +145,15 @@ def test_labels_size_adds_the_images_to_the_total_as_an_image_store_keeps_them(r
     assert main(["labels", "size", "--classes", "10", "--ipc", "10", "--epochs", "1", "--image-size", "32",
                  "--pixels", "float32"]) == 0
     assert "images 1.17 MiB (float32); total 1.18 MiB (1233916 bytes; the labels are 0.4% of it)" in capsys.readouterr().out
+
+
+def test_the_frontier_counts_each_budget_with_the_images_as_stored(run):
+    from dsutil.frontier import frontier_table, run_frontier
+
+    out, summary = run
+    cfg = load_config("mnist5k", SMALL | {"frontier.prune_ratios": [0.5], "frontier.curve_ratios": [0.0],
+                                          "frontier.seeds": [0]})
+    result = run_frontier(cfg, out, progress=False)
+    images = summary["methods"]["lpld"]["image_bytes"]
+    assert len(result["points"]) == 1 + 2 * 3 and all(p["total_bytes"] == images + p["label_bytes"] for p in result["points"])
+    assert "total " in frontier_table(result)
